@@ -1,0 +1,16 @@
+//! rmq-agent: a transparent RocketMQ node agent.
+//!
+//! One module per concern; see ARCHITECTURE.md for how they fit together.
+#![deny(unsafe_code)]
+
+pub mod addr;
+pub mod admin;
+pub mod app;
+pub mod codec;
+pub mod config;
+pub mod logging;
+pub mod metrics;
+pub mod policy;
+pub mod relay;
+pub mod socket;
+mod sys;

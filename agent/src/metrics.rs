@@ -1,0 +1,90 @@
+//! Prometheus metrics. Families are created once; label values are small,
+//! bounded sets (request code names, error kinds, results).
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub code: &'static str,
+    pub dir: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FrameErrorLabels {
+    pub kind: &'static str,
+    pub side: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirLabel {
+    pub dir: &'static str,
+}
+
+pub struct Metrics {
+    pub connections: Family<ResultLabel, Counter>,
+    pub connections_active: Gauge,
+    pub requests: Family<RequestLabels, Counter>,
+    pub frame_errors: Family<FrameErrorLabels, Counter>,
+    pub bytes: Family<DirLabel, Counter<u64, AtomicU64>>,
+    registry: Registry,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("rmq_agent");
+        let connections = Family::<ResultLabel, Counter>::default();
+        let connections_active = Gauge::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        let frame_errors = Family::<FrameErrorLabels, Counter>::default();
+        let bytes = Family::<DirLabel, Counter<u64, AtomicU64>>::default();
+        registry.register("connections", "Captured connections by outcome", connections.clone());
+        registry.register("connections_active", "Proxied connections open now", connections_active.clone());
+        registry.register("requests", "Relayed RocketMQ requests by code and initiator", requests.clone());
+        registry.register("frame_errors", "Connections closed for a malformed frame", frame_errors.clone());
+        registry.register("bytes", "Bytes relayed (up = pod to broker)", bytes.clone());
+        Metrics { connections, connections_active, requests, frame_errors, bytes, registry }
+    }
+
+    pub fn connection(&self, result: &'static str) {
+        self.connections.get_or_create(&ResultLabel { result }).inc();
+    }
+
+    pub fn request(&self, code: &'static str, dir: &'static str) {
+        self.requests.get_or_create(&RequestLabels { code, dir }).inc();
+    }
+
+    pub fn frame_error(&self, kind: &'static str, side: &'static str) {
+        self.frame_errors.get_or_create(&FrameErrorLabels { kind, side }).inc();
+    }
+
+    pub fn add_bytes(&self, dir: &'static str, n: u64) {
+        if n > 0 {
+            self.bytes.get_or_create(&DirLabel { dir }).inc_by(n);
+        }
+    }
+
+    /// Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+

@@ -1,0 +1,326 @@
+//! One captured connection: recover where the pod was going, check policy,
+//! open the matching upstream, and relay frames byte-exact in both directions
+//! while tracking requests (either side may send them) for logs and metrics.
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::addr::{OrigDst, PodAddr};
+use crate::codec::{request_code_name, CodecError, FrameMeta, FrameScanner, Limits};
+use crate::metrics::Metrics;
+use crate::policy::DestinationPolicy;
+use crate::socket::{self, SocketFactory};
+
+/// Everything a connection needs from the agent, shared by all of them.
+pub struct ProxyCtx {
+    pub sockets: Arc<dyn SocketFactory>,
+    pub policy: DestinationPolicy,
+    pub metrics: Arc<Metrics>,
+    pub limits: Limits,
+    pub connect_timeout: Duration,
+    pub spoof_source: bool,
+    pub access_log: bool,
+}
+
+/// Which peer sent a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    /// The pod (SDK).
+    Client,
+    /// The broker or name server.
+    Broker,
+}
+
+impl Side {
+    fn label(self) -> &'static str {
+        match self {
+            Side::Client => "client",
+            Side::Broker => "broker",
+        }
+    }
+    fn bytes_dir(self) -> &'static str {
+        match self {
+            Side::Client => "up",
+            Side::Broker => "down",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum RelayError {
+    #[error("{0}")]
+    Malformed(CodecError),
+    #[error("peer closed the connection mid-frame ({seen} of {len} bytes)")]
+    Truncated { seen: usize, len: usize },
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+/// Start with a small buffer and grow only for connections that move bulk
+/// data; idle connections hold no buffer at all.
+const INITIAL_BUF: usize = 16 * 1024;
+const MAX_BUF: usize = 256 * 1024;
+/// Unanswered requests tracked per direction; beyond this new ones are not
+/// timed (they are still relayed). Bounds memory against a misbehaving peer.
+const MAX_INFLIGHT: usize = 65_536;
+/// After one side closes, how long the other may keep sending.
+const HALF_CLOSE_LINGER: Duration = Duration::from_secs(30);
+
+/// Serves one accepted connection to completion.
+pub async fn serve(ctx: Arc<ProxyCtx>, client: TcpStream, peer: SocketAddr) {
+    let pod = PodAddr::new(peer);
+    let dst = match ctx.sockets.orig_dst(&client) {
+        Ok(d) => d,
+        Err(e) => {
+            ctx.metrics.connection("no_orig_dst");
+            warn!(%pod, error = %e, "cannot recover the original destination; check that the capture mode (--capture) matches the installed rules");
+            socket::reset(&client);
+            return;
+        }
+    };
+    if let Err(refusal) = ctx.policy.check(dst) {
+        ctx.metrics.connection(refusal.label());
+        warn!(%pod, orig_dst = %dst, reason = refusal.label(), "refused connection: {refusal}");
+        socket::reset(&client);
+        return;
+    }
+    let upstream = match connect(&ctx, pod, dst).await {
+        Ok(s) => s,
+        Err(e) => {
+            ctx.metrics.connection("upstream_failed");
+            warn!(%pod, orig_dst = %dst, error = %e, "upstream connect failed; resetting the client so it fails over at once");
+            socket::reset(&client);
+            return;
+        }
+    };
+    let _ = socket::set_keepalive(&socket2::SockRef::from(&client), Duration::from_secs(30));
+    let _ = client.set_nodelay(true);
+    ctx.metrics.connection("proxied");
+    ctx.metrics.connections_active.inc();
+    debug!(%pod, orig_dst = %dst, "connection opened");
+    let conn = Conn { ctx: &ctx, pod, dst, client_reqs: Default::default(), broker_reqs: Default::default() };
+    conn.relay(&client, &upstream).await;
+    ctx.metrics.connections_active.dec();
+}
+
+async fn connect(ctx: &ProxyCtx, pod: PodAddr, dst: OrigDst) -> io::Result<TcpStream> {
+    let spoof = ctx.spoof_source.then(|| pod.ip());
+    let sock = ctx.sockets.upstream(dst, spoof).map_err(io::Error::other)?;
+    match tokio::time::timeout(ctx.connect_timeout, sock.connect(dst.0)).await {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out (--connect-timeout-ms)")),
+    }
+}
+
+#[derive(Default)]
+struct Inflight(HashMap<i32, (i32, Instant)>);
+
+struct Conn<'a> {
+    ctx: &'a ProxyCtx,
+    pod: PodAddr,
+    dst: OrigDst,
+    /// Requests the pod sent, awaiting the broker's response.
+    client_reqs: Mutex<Inflight>,
+    /// Requests the broker sent (e.g. CHECK_TRANSACTION_STATE), awaiting the pod's response.
+    broker_reqs: Mutex<Inflight>,
+}
+
+impl Conn<'_> {
+    async fn relay(&self, client: &TcpStream, broker: &TcpStream) {
+        let up = self.pump(client, broker, Side::Client);
+        let down = self.pump(broker, client, Side::Broker);
+        tokio::pin!(up, down);
+        let (first, result) = tokio::select! {
+            r = &mut up => (Side::Client, r),
+            r = &mut down => (Side::Broker, r),
+        };
+        let (up_bytes, down_bytes, outcome) = match result {
+            Ok(n) => {
+                // Clean close on one side: pass the FIN on and let the other
+                // direction finish what it was sending.
+                let (closed_to, rest) = match first {
+                    Side::Client => (broker, &mut down),
+                    Side::Broker => (client, &mut up),
+                };
+                let _ = socket2::SockRef::from(closed_to).shutdown(std::net::Shutdown::Write);
+                let other = tokio::time::timeout(HALF_CLOSE_LINGER, rest).await;
+                let m = match other {
+                    Ok(Ok(m)) => m,
+                    Ok(Err(e)) => {
+                        self.on_error(first.other(), &e);
+                        0
+                    }
+                    Err(_) => 0,
+                };
+                let (u, d) = if first == Side::Client { (n, m) } else { (m, n) };
+                (u, d, format!("{} closed", first.label()))
+            }
+            Err(e) => {
+                self.on_error(first, &e);
+                socket::reset(client);
+                socket::reset(broker);
+                (0, 0, e.to_string())
+            }
+        };
+        // Requests still open when the connection ends (long-poll PULLs, or
+        // work lost with a dying peer) are reported, not silently dropped.
+        let pending = |t: &Mutex<Inflight>| t.lock().unwrap_or_else(|p| p.into_inner()).0.len();
+        info!(
+            pod = %self.pod,
+            orig_dst = %self.dst,
+            bytes_up = up_bytes,
+            bytes_down = down_bytes,
+            unanswered_client_requests = pending(&self.client_reqs),
+            unanswered_broker_requests = pending(&self.broker_reqs),
+            reason = %outcome,
+            "connection closed"
+        );
+    }
+
+    fn on_error(&self, side: Side, e: &RelayError) {
+        match e {
+            RelayError::Malformed(c) => {
+                self.ctx.metrics.frame_error(c.kind(), side.label());
+                warn!(pod = %self.pod, orig_dst = %self.dst, side = side.label(), kind = c.kind(), error = %c, "malformed frame, closing connection");
+            }
+            RelayError::Truncated { .. } => {
+                self.ctx.metrics.frame_error("truncated", side.label());
+                warn!(pod = %self.pod, orig_dst = %self.dst, side = side.label(), kind = "truncated", error = %e, "malformed frame, closing connection");
+            }
+            RelayError::Io(io) => {
+                debug!(pod = %self.pod, orig_dst = %self.dst, side = side.label(), error = %io, "connection error");
+            }
+        }
+    }
+
+    /// Copies `from` → `to`, validating every frame header on the way and
+    /// forwarding only bytes that belong to validated frames. Returns the
+    /// byte count on a clean EOF at a frame boundary.
+    async fn pump(&self, from: &TcpStream, to: &TcpStream, side: Side) -> Result<u64, RelayError> {
+        let mut scanner = FrameScanner::new(self.ctx.limits.clone());
+        let mut frames: Vec<FrameMeta> = Vec::new();
+        let mut buf: Vec<u8> = Vec::new();
+        let mut want = INITIAL_BUF;
+        let mut total = 0u64;
+        loop {
+            from.readable().await?;
+            if buf.capacity() < want {
+                buf.reserve(want - buf.len());
+            }
+            let before = buf.len();
+            match from.try_read_buf(&mut buf) {
+                Ok(0) => {
+                    if let Some((seen, len)) = scanner.mid_frame() {
+                        return Err(RelayError::Truncated { seen, len });
+                    }
+                    if !buf.is_empty() {
+                        return Err(RelayError::Truncated { seen: buf.len(), len: 0 });
+                    }
+                    return Ok(total);
+                }
+                Ok(n) => {
+                    if before + n == buf.capacity() && want < MAX_BUF {
+                        want *= 2;
+                    }
+                    let out = scanner.scan(&buf, &mut frames);
+                    for f in frames.drain(..) {
+                        self.on_frame(side, &f);
+                    }
+                    write_all(to, &buf[..out.consumed]).await?;
+                    total += out.consumed as u64;
+                    self.ctx.metrics.add_bytes(side.bytes_dir(), out.consumed as u64);
+                    buf.drain(..out.consumed);
+                    if let Some(e) = out.error {
+                        return Err(RelayError::Malformed(e));
+                    }
+                    // A header larger than the buffer: make room (the scanner
+                    // caps `need` at the header limit).
+                    want = want.max(out.need);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if buf.is_empty() {
+                        buf = Vec::new();
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    fn on_frame(&self, side: Side, f: &FrameMeta) {
+        let h = &f.header;
+        let now = Instant::now();
+        let (mine, theirs) = match side {
+            Side::Client => (&self.client_reqs, &self.broker_reqs),
+            Side::Broker => (&self.broker_reqs, &self.client_reqs),
+        };
+        if h.is_response() {
+            // A response answers a request the *other* side sent.
+            let started = theirs.lock().unwrap_or_else(|p| p.into_inner()).0.remove(&h.opaque);
+            if let Some((code, at)) = started {
+                self.access(side.other(), code, h.opaque, false, Some(h.code), Some(now - at));
+            }
+            return;
+        }
+        self.ctx.metrics.request(code_label(h.code), side.label());
+        if h.is_oneway() {
+            self.access(side, h.code, h.opaque, true, None, None);
+            return;
+        }
+        let mut table = mine.lock().unwrap_or_else(|p| p.into_inner());
+        if table.0.len() < MAX_INFLIGHT {
+            table.0.insert(h.opaque, (h.code, now));
+        }
+    }
+
+    fn access(&self, dir: Side, code: i32, opaque: i32, oneway: bool, response_code: Option<i32>, latency: Option<Duration>) {
+        if !self.ctx.access_log {
+            return;
+        }
+        info!(
+            target: "rmq_agent::access",
+            pod = %self.pod,
+            orig_dst = %self.dst,
+            dir = dir.label(),
+            code,
+            code_name = code_label(code),
+            opaque,
+            oneway,
+            response_code,
+            latency_us = latency.map(|d| d.as_micros() as u64),
+            "request"
+        );
+    }
+}
+
+impl Side {
+    fn other(self) -> Side {
+        match self {
+            Side::Client => Side::Broker,
+            Side::Broker => Side::Client,
+        }
+    }
+}
+
+/// Unknown codes share one label so a peer cannot blow up metric cardinality.
+fn code_label(code: i32) -> &'static str {
+    request_code_name(code).unwrap_or("UNKNOWN")
+}
+
+async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        to.writable().await?;
+        match to.try_write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
