@@ -18,6 +18,16 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    /// Short reason for the log line.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refusal::Port => "port",
+            Refusal::Cidr => "cidr",
+            Refusal::SelfAddr => "self",
+        }
+    }
+
+    /// Metric label (`rmq_agent_connections_total{result}`).
     pub fn label(&self) -> &'static str {
         match self {
             Refusal::Port => "refused_port",

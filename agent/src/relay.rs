@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -86,7 +87,7 @@ pub async fn serve(ctx: Arc<ProxyCtx>, client: TcpStream, peer: SocketAddr) {
     };
     if let Err(refusal) = ctx.policy.check(dst) {
         ctx.metrics.connection(refusal.label());
-        warn!(%pod, orig_dst = %dst, reason = refusal.label(), "refused connection: {refusal}");
+        warn!(%pod, orig_dst = %dst, reason = refusal.reason(), why = %refusal, "refused connection");
         socket::reset(&client);
         return;
     }
@@ -104,7 +105,7 @@ pub async fn serve(ctx: Arc<ProxyCtx>, client: TcpStream, peer: SocketAddr) {
     ctx.metrics.connection("proxied");
     ctx.metrics.connections_active.inc();
     debug!(%pod, orig_dst = %dst, "connection opened");
-    let conn = Conn { ctx: &ctx, pod, dst, client_reqs: Default::default(), broker_reqs: Default::default() };
+    let conn = Conn { ctx: &ctx, pod, dst, client_reqs: Default::default(), broker_reqs: Default::default(), requests: AtomicU64::new(0) };
     conn.relay(&client, &upstream).await;
     ctx.metrics.connections_active.dec();
 }
@@ -129,6 +130,8 @@ struct Conn<'a> {
     client_reqs: Mutex<Inflight>,
     /// Requests the broker sent (e.g. CHECK_TRANSACTION_STATE), awaiting the pod's response.
     broker_reqs: Mutex<Inflight>,
+    /// Requests seen in both directions.
+    requests: AtomicU64,
 }
 
 impl Conn<'_> {
@@ -176,6 +179,7 @@ impl Conn<'_> {
             orig_dst = %self.dst,
             bytes_up = up_bytes,
             bytes_down = down_bytes,
+            requests = self.requests.load(Ordering::Relaxed),
             unanswered_client_requests = pending(&self.client_reqs),
             unanswered_broker_requests = pending(&self.broker_reqs),
             reason = %outcome,
@@ -269,6 +273,7 @@ impl Conn<'_> {
             return;
         }
         self.ctx.metrics.request(code_label(h.code), side.label());
+        self.requests.fetch_add(1, Ordering::Relaxed);
         if h.is_oneway() {
             self.access(side, h.code, h.opaque, true, None, None);
             return;
