@@ -20,7 +20,7 @@ message is compared byte for byte (body) and exactly (keys, tags) with what was 
 Prints 'sent=N received=M unique=U', 'verify exact=E/N mismatched=X' (plus one
 'MISMATCH ...' line per bad message), and 'RESULT PASS|FAIL'; exits 0 iff every
 message came back exactly as sent.
-Run with the venv from install.sh: /opt/rmq-peers/venv/bin/python.
+Run with the venv that scripts/install-peers.sh creates ($RMQ_PEERS_HOME/venv/bin/python).
 """
 import argparse
 import os
