@@ -49,6 +49,13 @@ pub struct RunArgs {
     /// Metrics and health endpoint; must be a loopback address.
     #[arg(long, env = "RMQ_AGENT_ADMIN_ADDR", default_value = "127.0.0.1:15020")]
     pub admin_addr: SocketAddr,
+    /// Admin unix socket (state dump, log level); root-only permissions.
+    #[arg(long, env = "RMQ_AGENT_ADMIN_SOCKET", default_value = rmq_common::ADMIN_SOCKET)]
+    pub admin_socket: PathBuf,
+    /// Name servers whose reachability gates /readyz (empty: ready once listening).
+    #[arg(long, env = "RMQ_AGENT_READY_NAMESRV", value_delimiter = ',')]
+    #[serde(default)]
+    pub ready_namesrv: Vec<SocketAddr>,
     #[arg(long, env = "RMQ_AGENT_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
     /// Log one line per relayed request (`on`) or not (`off`).
@@ -85,6 +92,8 @@ pub struct Config {
     pub max_frame: usize,
     pub connect_timeout: Duration,
     pub admin_addr: SocketAddr,
+    pub admin_socket: PathBuf,
+    pub ready_namesrv: Vec<SocketAddr>,
     pub log_format: LogFormat,
     pub access_log: bool,
     pub workers: usize,
@@ -137,6 +146,8 @@ impl RunArgs {
             max_frame: self.max_frame,
             connect_timeout: Duration::from_millis(self.connect_timeout_ms),
             admin_addr: self.admin_addr,
+            admin_socket: self.admin_socket,
+            ready_namesrv: self.ready_namesrv,
             log_format: self.log_format,
             access_log: self.access_log,
             workers: self.workers,

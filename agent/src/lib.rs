@@ -13,4 +13,6 @@ pub mod metrics;
 pub mod policy;
 pub mod relay;
 pub mod socket;
+pub mod state;
+pub mod status;
 mod sys;

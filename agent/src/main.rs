@@ -13,6 +13,8 @@ struct Cli {
 enum Cmd {
     /// Run the agent (captured-connection listener and relay).
     Run(RunArgs),
+    /// Show what the node's agent is doing (reads its admin socket).
+    Status(rmq_agent::status::StatusArgs),
     /// Print the constants shared with the CNI plugin and scripts.
     Constants {
         /// KEY=VALUE lines for `eval` in shell scripts.
@@ -28,9 +30,10 @@ fn main() -> anyhow::Result<()> {
         Cmd::Run(_) => {
             let sub = matches.subcommand_matches("run").expect("clap routed to run");
             let cfg = RunArgs::resolve(sub)?;
-            let _log = rmq_agent::logging::init(cfg.log_format);
-            rmq_agent::app::run(cfg)
+            let (_log, level) = rmq_agent::logging::init(cfg.log_format);
+            rmq_agent::app::run(cfg, Some(level))
         }
+        Cmd::Status(args) => rmq_agent::status::run(args),
         Cmd::Constants { shell } => {
             print_constants(shell);
             Ok(())
@@ -41,7 +44,7 @@ fn main() -> anyhow::Result<()> {
 fn print_constants(shell: bool) {
     use rmq_common::*;
     let ports = DEFAULT_ROCKETMQ_PORTS.map(|p| p.to_string()).join(",");
-    let kv: [(&str, String); 13] = [
+    let kv: [(&str, String); 15] = [
         ("AGENT_PORT", AGENT_PORT.to_string()),
         ("ADMIN_PORT", ADMIN_PORT.to_string()),
         ("ROCKETMQ_PORTS", ports),
@@ -55,6 +58,8 @@ fn print_constants(shell: bool) {
         ("CHAIN_DIVERT", CHAIN_DIVERT.to_string()),
         ("CHAIN_REDIRECT", CHAIN_REDIRECT.to_string()),
         ("RULE_COMMENT_PREFIX", RULE_COMMENT_PREFIX.to_string()),
+        ("ADMIN_SOCKET", ADMIN_SOCKET.to_string()),
+        ("HANDOFF_SOCKET", HANDOFF_SOCKET.to_string()),
     ];
     for (k, v) in kv {
         if shell {

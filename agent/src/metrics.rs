@@ -6,6 +6,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -17,6 +18,14 @@ pub struct ResultLabel {
 pub struct RequestLabels {
     pub code: &'static str,
     pub dir: &'static str,
+    /// Empty when the request names no topic or group.
+    pub topic: String,
+    pub group: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabel {
+    pub code: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -36,6 +45,7 @@ pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     pub frame_errors: Family<FrameErrorLabels, Counter>,
     pub bytes: Family<DirLabel, Counter<u64, AtomicU64>>,
+    pub latency: Family<CodeLabel, Histogram>,
     registry: Registry,
 }
 
@@ -47,20 +57,28 @@ impl Metrics {
         let requests = Family::<RequestLabels, Counter>::default();
         let frame_errors = Family::<FrameErrorLabels, Counter>::default();
         let bytes = Family::<DirLabel, Counter<u64, AtomicU64>>::default();
+        // 50 µs .. ~1.6 s (long-poll PULLs land in +Inf, as they should).
+        let latency = Family::<CodeLabel, Histogram>::new_with_constructor(|| Histogram::new(exponential_buckets(0.00005, 2.0, 16)));
         registry.register("connections", "Captured connections by outcome", connections.clone());
         registry.register("connections_active", "Proxied connections open now", connections_active.clone());
         registry.register("requests", "Relayed RocketMQ requests by code and initiator", requests.clone());
         registry.register("frame_errors", "Connections closed for a malformed frame", frame_errors.clone());
         registry.register("bytes", "Bytes relayed (up = pod to broker)", bytes.clone());
-        Metrics { connections, connections_active, requests, frame_errors, bytes, registry }
+        registry.register("request_duration_seconds", "Request to response time through the agent, by request code", latency.clone());
+        Metrics { connections, connections_active, requests, frame_errors, bytes, latency, registry }
     }
 
     pub fn connection(&self, result: &'static str) {
         self.connections.get_or_create(&ResultLabel { result }).inc();
     }
 
-    pub fn request(&self, code: &'static str, dir: &'static str) {
-        self.requests.get_or_create(&RequestLabels { code, dir }).inc();
+    pub fn request(&self, code: &'static str, dir: &'static str, topic: &str, group: &str) {
+        let labels = RequestLabels { code, dir, topic: topic.to_string(), group: group.to_string() };
+        self.requests.get_or_create(&labels).inc();
+    }
+
+    pub fn latency(&self, code: &'static str, d: std::time::Duration) {
+        self.latency.get_or_create(&CodeLabel { code }).observe(d.as_secs_f64());
     }
 
     pub fn frame_error(&self, kind: &'static str, side: &'static str) {

@@ -13,10 +13,11 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::addr::{OrigDst, PodAddr};
-use crate::codec::{request_code_name, CodecError, FrameMeta, FrameScanner, Limits};
+use crate::codec::{code, request_code_name, CodecError, FrameMeta, FrameScanner, Limits};
 use crate::metrics::Metrics;
 use crate::policy::DestinationPolicy;
 use crate::socket::{self, SocketFactory};
+use crate::state::{ConnStats, Registry};
 
 /// Everything a connection needs from the agent, shared by all of them.
 pub struct ProxyCtx {
@@ -27,6 +28,7 @@ pub struct ProxyCtx {
     pub connect_timeout: Duration,
     pub spoof_source: bool,
     pub access_log: bool,
+    pub registry: Arc<Registry>,
 }
 
 /// Which peer sent a frame.
@@ -105,7 +107,16 @@ pub async fn serve(ctx: Arc<ProxyCtx>, client: TcpStream, peer: SocketAddr) {
     ctx.metrics.connection("proxied");
     ctx.metrics.connections_active.inc();
     debug!(%pod, orig_dst = %dst, "connection opened");
-    let conn = Conn { ctx: &ctx, pod, dst, client_reqs: Default::default(), broker_reqs: Default::default(), requests: AtomicU64::new(0) };
+    let registration = ctx.registry.register(pod, dst);
+    let conn = Conn {
+        ctx: &ctx,
+        pod,
+        dst,
+        stats: &registration.stats,
+        client_reqs: Default::default(),
+        broker_reqs: Default::default(),
+        requests: AtomicU64::new(0),
+    };
     conn.relay(&client, &upstream).await;
     ctx.metrics.connections_active.dec();
 }
@@ -126,6 +137,7 @@ struct Conn<'a> {
     ctx: &'a ProxyCtx,
     pod: PodAddr,
     dst: OrigDst,
+    stats: &'a ConnStats,
     /// Requests the pod sent, awaiting the broker's response.
     client_reqs: Mutex<Inflight>,
     /// Requests the broker sent (e.g. CHECK_TRANSACTION_STATE), awaiting the pod's response.
@@ -239,6 +251,8 @@ impl Conn<'_> {
                     write_all(to, &buf[..out.consumed]).await?;
                     total += out.consumed as u64;
                     self.ctx.metrics.add_bytes(side.bytes_dir(), out.consumed as u64);
+                    let counter = if side == Side::Client { &self.stats.bytes_up } else { &self.stats.bytes_down };
+                    counter.fetch_add(out.consumed as u64, Ordering::Relaxed);
                     buf.drain(..out.consumed);
                     if let Some(e) = out.error {
                         return Err(RelayError::Malformed(e));
@@ -268,12 +282,25 @@ impl Conn<'_> {
             // A response answers a request the *other* side sent.
             let started = theirs.lock().unwrap_or_else(|p| p.into_inner()).0.remove(&h.opaque);
             if let Some((code, at)) = started {
+                self.ctx.metrics.latency(code_label(code), now - at);
                 self.access(side.other(), code, h.opaque, false, Some(h.code), Some(now - at));
             }
             return;
         }
-        self.ctx.metrics.request(code_label(h.code), side.label());
+        // SEND_MESSAGE_V2 and batches use one-letter keys (a = producer group, b = topic).
+        let short = matches!(h.code, code::SEND_MESSAGE_V2 | code::SEND_BATCH_MESSAGE);
+        let topic = h.ext(if short { "b" } else { "topic" }).unwrap_or("");
+        let group = if short { h.ext("a") } else { ["consumerGroup", "producerGroup", "group"].iter().find_map(|k| h.ext(k)) };
+        let group = group.unwrap_or("");
+        self.ctx.metrics.request(code_label(h.code), side.label(), topic, group);
         self.requests.fetch_add(1, Ordering::Relaxed);
+        self.stats.request(code_label(h.code));
+        if side == Side::Client {
+            self.stats.client(&h.language, h.version);
+            if !group.is_empty() {
+                self.stats.group(group);
+            }
+        }
         if h.is_oneway() {
             self.access(side, h.code, h.opaque, true, None, None);
             return;

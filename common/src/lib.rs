@@ -7,6 +7,11 @@ pub const AGENT_PORT: u16 = 15001;
 /// Port of the agent's Prometheus/admin HTTP endpoint, bound to loopback only.
 pub const ADMIN_PORT: u16 = 15020;
 
+/// Admin unix socket: state dump for `rmq-agent status`, runtime log level.
+pub const ADMIN_SOCKET: &str = "/var/run/rmq-agent/admin.sock";
+/// Unix socket on which a running agent hands its listener to its successor.
+pub const HANDOFF_SOCKET: &str = "/var/run/rmq-agent/handoff.sock";
+
 /// RocketMQ name server port.
 pub const NAMESRV_PORT: u16 = 9876;
 /// RocketMQ broker port.

@@ -87,6 +87,8 @@ impl<'lab> Agent<'lab> {
             .with_context(|| format!("open {}", self.log_path.display()))?;
         let mut cmd = self.lab.node().command(&self.bin);
         cmd.args(["run", "--capture", "tproxy", "--log-format", "json"]);
+        // Unix sockets live on the shared filesystem, not in a netns: each lab gets its own.
+        cmd.arg("--admin-socket").arg(self.admin_socket());
         if self.options.spoof_source {
             cmd.arg("--spoof-source");
         }
@@ -127,6 +129,11 @@ impl<'lab> Agent<'lab> {
             return Err(e.context(format!("agent log: {}", self.log_path.display())));
         }
         Ok(())
+    }
+
+    /// This lab's agent admin socket (what `rmq-agent status --socket` reads).
+    pub fn admin_socket(&self) -> PathBuf {
+        self.lab.workdir().join("admin.sock")
     }
 
     pub fn pid(&self) -> Option<u32> {

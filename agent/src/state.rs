@@ -1,0 +1,158 @@
+//! What the agent is doing right now, for the admin state dump and
+//! `rmq-agent status`: listeners and every live proxied connection.
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::addr::{OrigDst, PodAddr};
+
+/// Client groups remembered per connection; more are counted, not stored.
+const MAX_GROUPS_PER_CONN: usize = 16;
+
+#[derive(Default)]
+pub struct Registry {
+    next_id: AtomicU64,
+    conns: Mutex<HashMap<u64, Arc<ConnStats>>>,
+}
+
+pub struct ConnStats {
+    pub pod: PodAddr,
+    pub dst: OrigDst,
+    opened_ms: u64,
+    pub bytes_up: AtomicU64,
+    pub bytes_down: AtomicU64,
+    requests: Mutex<BTreeMap<&'static str, u64>>,
+    client: Mutex<Option<(String, i32)>>,
+    groups: Mutex<BTreeSet<String>>,
+}
+
+impl ConnStats {
+    pub fn request(&self, code_name: &'static str) {
+        *lock(&self.requests).entry(code_name).or_default() += 1;
+    }
+
+    /// The SDK's language and version, from its first request.
+    pub fn client(&self, language: &str, version: i32) {
+        let mut c = lock(&self.client);
+        if c.is_none() {
+            *c = Some((language.to_string(), version));
+        }
+    }
+
+    pub fn group(&self, group: &str) {
+        let mut g = lock(&self.groups);
+        if g.len() < MAX_GROUPS_PER_CONN && !g.contains(group) {
+            g.insert(group.to_string());
+        }
+    }
+}
+
+/// Removes the connection from the registry when the relay ends, however it ends.
+pub struct Registration {
+    registry: Arc<Registry>,
+    id: u64,
+    pub stats: Arc<ConnStats>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        lock(&self.registry.conns).remove(&self.id);
+    }
+}
+
+impl Registry {
+    pub fn register(self: &Arc<Self>, pod: PodAddr, dst: OrigDst) -> Registration {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let stats = Arc::new(ConnStats {
+            pod,
+            dst,
+            opened_ms: now_ms(),
+            bytes_up: AtomicU64::new(0),
+            bytes_down: AtomicU64::new(0),
+            requests: Default::default(),
+            client: Default::default(),
+            groups: Default::default(),
+        });
+        lock(&self.conns).insert(id, stats.clone());
+        Registration { registry: self.clone(), id, stats }
+    }
+
+    pub fn connections(&self) -> Vec<ConnectionView> {
+        let conns: Vec<Arc<ConnStats>> = lock(&self.conns).values().cloned().collect();
+        let mut out: Vec<ConnectionView> = conns
+            .iter()
+            .map(|c| {
+                let client = lock(&c.client).clone();
+                ConnectionView {
+                    pod: c.pod.to_string(),
+                    orig_dst: c.dst.to_string(),
+                    opened_unix_ms: c.opened_ms,
+                    bytes_up: c.bytes_up.load(Ordering::Relaxed),
+                    bytes_down: c.bytes_down.load(Ordering::Relaxed),
+                    requests: lock(&c.requests).iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+                    client_language: client.as_ref().map(|c| c.0.clone()),
+                    client_version: client.map(|c| c.1),
+                    groups: lock(&c.groups).iter().cloned().collect(),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.pod, &a.orig_dst).cmp(&(&b.pod, &b.orig_dst)));
+        out
+    }
+}
+
+/// The state dump served on the admin socket (`GET /state`) and read by `rmq-agent status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StateDump {
+    pub pid: u32,
+    pub version: String,
+    /// How many agents ran before this one on the node (hand-overs).
+    pub generation: u64,
+    pub started_unix_ms: u64,
+    pub now_unix_ms: u64,
+    pub ready: bool,
+    pub draining: bool,
+    pub listeners: Vec<ListenerView>,
+    pub connections: Vec<ConnectionView>,
+    /// Pull→Pop conversion state; empty until conversion is enabled.
+    pub converted_groups: Vec<ConvertedGroupView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ListenerView {
+    pub addr: String,
+    pub capture: String,
+    pub transparent: bool,
+    pub inherited: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConnectionView {
+    pub pod: String,
+    pub orig_dst: String,
+    pub opened_unix_ms: u64,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub requests: BTreeMap<String, u64>,
+    pub client_language: Option<String>,
+    pub client_version: Option<i32>,
+    pub groups: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConvertedGroupView {
+    pub group: String,
+    pub topic: String,
+    pub pending_receipts: u64,
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
