@@ -69,8 +69,7 @@ impl AdminState {
 
 /// Binds both admin listeners now (so errors stop start-up) and serves them on a dedicated thread.
 pub fn spawn(addr: SocketAddr, socket: &Path, state: Arc<AdminState>) -> anyhow::Result<()> {
-    let tcp = std::net::TcpListener::bind(addr).with_context(|| format!("cannot bind the admin endpoint on {addr}; pick another --admin-addr"))?;
-    tcp.set_nonblocking(true)?;
+    let tcp = bind_tcp(addr).with_context(|| format!("cannot bind the admin endpoint on {addr}; pick another --admin-addr"))?;
     let uds = bind_unix(socket)?;
     let socket = socket.to_path_buf();
     std::thread::Builder::new().name("rmq-admin".into()).spawn(move || {
@@ -99,6 +98,19 @@ pub fn spawn(addr: SocketAddr, socket: &Path, state: Arc<AdminState>) -> anyhow:
         })
     })?;
     Ok(())
+}
+
+/// SO_REUSEPORT: during a hand-over the old and the new agent both serve
+/// probes and scrapes until the old one exits.
+fn bind_tcp(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    s.bind(&addr.into())?;
+    s.listen(128)?;
+    s.set_nonblocking(true)?;
+    Ok(s.into())
 }
 
 /// Binds the admin socket, replacing a stale file, readable by root only.

@@ -1,39 +1,73 @@
 //! Builds and runs the agent: a data-plane runtime for captured connections
-//! and a separate admin thread; SIGTERM/SIGINT stop accepting and drain.
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+//! and a separate admin thread. Stops on SIGTERM/SIGINT (drain) or when a
+//! successor takes over (hand the listener and live connections over).
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
+use crate::addr::{OrigDst, PodAddr};
 use crate::admin::{self, AdminState};
 use crate::codec::Limits;
 use crate::config::Config;
+use crate::handoff::{self, HandoffListener, Msg, Peer};
 use crate::logging::LogLevelHandle;
 use crate::metrics::Metrics;
 use crate::policy::DestinationPolicy;
-use crate::relay::{self, ProxyCtx};
+use crate::relay::{self, MigratedConn, ProxyCtx};
 use crate::socket::{CaptureMode, KernelSockets, SocketFactory};
 use crate::state::{ListenerView, Registry};
 
+/// How long a predecessor waits for its successor to say it is accepting.
+const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(10);
+
 pub fn run(cfg: Config, log_level: Option<LogLevelHandle>) -> anyhow::Result<()> {
     let workers = if cfg.workers == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2) } else { cfg.workers };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .thread_name("rmq-data")
+        .enable_all()
+        .build()
+        .context("cannot start the data-plane runtime")?;
+    rt.block_on(serve(cfg, log_level, workers))?;
+    // Connections still open after the drain deadline are closed by exit.
+    rt.shutdown_timeout(Duration::from_millis(100));
+    Ok(())
+}
+
+async fn serve(cfg: Config, log_level: Option<LogLevelHandle>, workers: usize) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let registry = Arc::new(Registry::default());
     let admin = Arc::new(AdminState::new(metrics.clone(), registry.clone(), log_level));
-    admin::spawn(cfg.admin_addr, &cfg.admin_socket, admin.clone())?;
-
     let sockets: Arc<dyn SocketFactory> = Arc::new(KernelSockets { mode: cfg.capture, mark: rmq_common::UPSTREAM_MARK, keepalive: Duration::from_secs(30) });
-    let std_listener = sockets.listener(cfg.listen)?;
+
+    // Take the listener over from a running agent, or bind a new one.
+    let predecessor = handoff::connect_predecessor(&cfg.handoff_socket).context("cannot reach the hand-off socket")?;
+    let (std_listener, generation, predecessor) = match predecessor {
+        Some(peer) => {
+            let (listener, generation) = take_listener(&peer).await.context("taking over from the running agent failed; stop it or remove its hand-off socket")?;
+            (listener, generation + 1, Some(peer))
+        }
+        None => (sockets.listener(cfg.listen)?, 0, None),
+    };
+    admin.generation.store(generation, Ordering::Relaxed);
     admin.listeners.lock().unwrap_or_else(|p| p.into_inner()).push(ListenerView {
         addr: cfg.listen.to_string(),
         capture: format!("{:?}", cfg.capture).to_lowercase(),
         transparent: cfg.capture != CaptureMode::Redirect,
-        inherited: false,
+        inherited: predecessor.is_some(),
     });
+    admin::spawn(cfg.admin_addr, &cfg.admin_socket, admin.clone())?;
+    let successors = HandoffListener::bind(&cfg.handoff_socket)
+        .with_context(|| format!("cannot bind the hand-off socket {}", cfg.handoff_socket.display()))?;
+
+    let (migrate_tx, migrate_rx) = watch::channel(false);
     let ctx = Arc::new(ProxyCtx {
         sockets,
         policy: DestinationPolicy::new(cfg.ports.iter().copied(), cfg.allow_cidrs.clone(), cfg.listen.port()),
@@ -43,51 +77,157 @@ pub fn run(cfg: Config, log_level: Option<LogLevelHandle>) -> anyhow::Result<()>
         spoof_source: cfg.spoof_source,
         access_log: cfg.access_log,
         registry,
+        migrate: migrate_rx,
+        handoff: OnceLock::new(),
+        in_transit: AtomicUsize::new(0),
     });
+    let listener = TcpListener::from_std(std_listener)?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    if !cfg.ready_namesrv.is_empty() {
+        tokio::spawn(probe_name_servers(cfg.ready_namesrv.clone(), admin.clone()));
+    }
+    admin.listening.store(true, Ordering::Relaxed);
+    if let Some(peer) = predecessor {
+        peer.send(&Msg::Ready { pid: std::process::id() }, &[]).await?;
+        tokio::spawn(inherit_connections(peer, ctx.clone()));
+    }
+    info!(listen = %cfg.listen, capture = ?cfg.capture, spoof_source = cfg.spoof_source, ports = ?cfg.ports, workers, generation, admin = %cfg.admin_addr, "rmq-agent listening");
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
-        .thread_name("rmq-data")
-        .enable_all()
-        .build()
-        .context("cannot start the data-plane runtime")?;
-    rt.block_on(async move {
-        let listener = TcpListener::from_std(std_listener)?;
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        if !cfg.ready_namesrv.is_empty() {
-            tokio::spawn(probe_name_servers(cfg.ready_namesrv.clone(), admin.clone()));
-        }
-        admin.listening.store(true, Ordering::Relaxed);
-        info!(listen = %cfg.listen, capture = ?cfg.capture, spoof_source = cfg.spoof_source, ports = ?cfg.ports, workers, admin = %cfg.admin_addr, "rmq-agent listening");
-        loop {
-            tokio::select! {
-                biased;
-                _ = term.recv() => break,
-                _ = int.recv() => break,
-                r = listener.accept() => match r {
-                    Ok((stream, peer)) => { tokio::spawn(relay::serve(ctx.clone(), stream, peer)); }
-                    // Out of fds or memory: back off instead of spinning.
-                    Err(e) => {
-                        warn!(error = %e, "accept failed; raise the fd limit if this is EMFILE");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
+    let successor = loop {
+        tokio::select! {
+            biased;
+            _ = term.recv() => break None,
+            _ = int.recv() => break None,
+            r = successors.accept() => match r {
+                Ok(peer) => match hand_listener(&peer, &listener, generation, &cfg).await {
+                    Ok(()) => break Some(peer),
+                    Err(e) => warn!(error = %e, "a new agent tried to take over and failed; still serving"),
                 },
+                Err(e) => warn!(error = %e, "hand-off accept failed"),
+            },
+            r = listener.accept() => match r {
+                Ok((stream, peer)) => { tokio::spawn(relay::serve(ctx.clone(), stream, peer)); }
+                // Out of fds or memory: back off instead of spinning.
+                Err(e) => {
+                    warn!(error = %e, "accept failed; raise the fd limit if this is EMFILE");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    };
+    admin.draining.store(true, Ordering::Relaxed);
+    // The successor holds the same listening socket; closing our copy loses nothing.
+    drop(listener);
+    let sender = successor.map(|peer| {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let _ = ctx.handoff.set(tx);
+        let _ = migrate_tx.send(true);
+        info!(active = metrics.connections_active.get(), "handing live connections to the new agent");
+        tokio::spawn(send_connections(peer, rx, ctx.clone()))
+    });
+    if sender.is_none() {
+        info!(active = metrics.connections_active.get(), "draining: stopped accepting, waiting for open connections");
+    }
+    let deadline = tokio::time::Instant::now() + cfg.drain_timeout;
+    while (metrics.connections_active.get() > 0 || ctx.in_transit.load(Ordering::SeqCst) > 0) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if let Some(task) = sender {
+        // It sends Done and ends once nothing is active or queued.
+        let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+    }
+    info!(left = metrics.connections_active.get(), "rmq-agent stopped");
+    Ok(())
+}
+
+/// New agent: ask the running one for its listening socket.
+async fn take_listener(peer: &Peer) -> anyhow::Result<(std::net::TcpListener, u64)> {
+    peer.send(&Msg::Takeover { pid: std::process::id() }, &[]).await?;
+    let (msg, mut fds) = tokio::time::timeout(TAKEOVER_TIMEOUT, peer.recv()).await.context("the running agent did not answer")??;
+    match (msg, fds.pop()) {
+        (Msg::Listener { generation, listen }, Some(fd)) => {
+            info!(listen, generation, "took over the listening socket from the running agent");
+            let l = std::net::TcpListener::from(fd);
+            l.set_nonblocking(true)?;
+            Ok((l, generation))
+        }
+        (m, _) => anyhow::bail!("unexpected hand-off message {m:?}"),
+    }
+}
+
+/// Old agent: give the listener to the successor and wait until it accepts.
+async fn hand_listener(peer: &Peer, listener: &TcpListener, generation: u64, cfg: &Config) -> anyhow::Result<()> {
+    match tokio::time::timeout(TAKEOVER_TIMEOUT, peer.recv()).await.context("timed out")?? {
+        (Msg::Takeover { pid }, _) => info!(successor = pid, "a new agent is taking over"),
+        (m, _) => anyhow::bail!("unexpected hand-off message {m:?}"),
+    }
+    peer.send(&Msg::Listener { generation, listen: cfg.listen.to_string() }, &[listener.as_raw_fd()]).await?;
+    match tokio::time::timeout(TAKEOVER_TIMEOUT, peer.recv()).await.context("the new agent never became ready")?? {
+        (Msg::Ready { pid }, _) => {
+            info!(successor = pid, "the new agent is accepting; stopping here");
+            Ok(())
+        }
+        (m, _) => anyhow::bail!("unexpected hand-off message {m:?}"),
+    }
+}
+
+/// Old agent: send each paused connection (both sockets + carried bytes)
+/// until every connection has been handed over or closed.
+async fn send_connections(peer: Peer, mut rx: mpsc::UnboundedReceiver<MigratedConn>, ctx: Arc<ProxyCtx>) {
+    let mut sent = 0usize;
+    loop {
+        let idle = ctx.metrics.connections_active.get() == 0 && ctx.in_transit.load(Ordering::SeqCst) == 0;
+        let m = match tokio::time::timeout(Duration::from_millis(20), rx.recv()).await {
+            Ok(Some(m)) => m,
+            Ok(None) => break,
+            Err(_) if idle => break,
+            Err(_) => continue,
+        };
+        let msg = Msg::Conn { pod: m.pod.0, dst: m.dst.0, up: m.up, down: m.down };
+        match peer.send(&msg, &[m.client.as_raw_fd(), m.upstream.as_raw_fd()]).await {
+            Ok(()) => sent += 1,
+            Err(e) => warn!(pod = %m.pod, orig_dst = %m.dst, error = %e, "could not hand a connection over; it is closed"),
+        }
+        ctx.in_transit.fetch_sub(1, Ordering::SeqCst);
+    }
+    let _ = peer.send(&Msg::Done, &[]).await;
+    info!(connections = sent, "hand-over complete");
+}
+
+/// New agent: resume every connection the predecessor hands over.
+async fn inherit_connections(peer: Peer, ctx: Arc<ProxyCtx>) {
+    let mut n = 0usize;
+    loop {
+        match peer.recv().await {
+            Ok((Msg::Conn { pod, dst, up, down }, fds)) if fds.len() == 2 => {
+                let mut fds = fds.into_iter();
+                let (client, upstream) = (fds.next(), fds.next());
+                let (Some(client), Some(upstream)) = (client, upstream) else { continue };
+                let to_stream = |fd| {
+                    let s = std::net::TcpStream::from(fd);
+                    s.set_nonblocking(true)?;
+                    tokio::net::TcpStream::from_std(s)
+                };
+                match (to_stream(client), to_stream(upstream)) {
+                    (Ok(client), Ok(upstream)) => {
+                        n += 1;
+                        let m = MigratedConn { client, upstream, pod: PodAddr::new(pod), dst: OrigDst::new(dst), up, down };
+                        tokio::spawn(relay::resume(ctx.clone(), m));
+                    }
+                    _ => warn!(%pod, orig_dst = %dst, "an inherited connection could not be registered; it is closed"),
+                }
+            }
+            Ok((Msg::Done, _)) => break,
+            Ok((m, _)) => warn!(?m, "unexpected hand-off message"),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(e) => {
+                warn!(error = %e, "hand-off channel failed");
+                break;
             }
         }
-        admin.draining.store(true, Ordering::Relaxed);
-        drop(listener);
-        let deadline = tokio::time::Instant::now() + cfg.drain_timeout;
-        info!(active = metrics.connections_active.get(), "draining: stopped accepting, waiting for open connections");
-        while metrics.connections_active.get() > 0 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        info!(left = metrics.connections_active.get(), "rmq-agent stopped");
-        anyhow::Ok(())
-    })?;
-    // Connections still open after the drain deadline are closed by exit.
-    rt.shutdown_timeout(Duration::from_millis(100));
-    Ok(())
+    }
+    info!(connections = n, "inherited live connections from the previous agent");
 }
 
 /// Readiness includes "can reach a name server": a node agent that cannot

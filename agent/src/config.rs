@@ -52,6 +52,9 @@ pub struct RunArgs {
     /// Admin unix socket (state dump, log level); root-only permissions.
     #[arg(long, env = "RMQ_AGENT_ADMIN_SOCKET", default_value = rmq_common::ADMIN_SOCKET)]
     pub admin_socket: PathBuf,
+    /// Unix socket where a running agent hands its listener and connections to a successor.
+    #[arg(long, env = "RMQ_AGENT_HANDOFF_SOCKET", default_value = rmq_common::HANDOFF_SOCKET)]
+    pub handoff_socket: PathBuf,
     /// Name servers whose reachability gates /readyz (empty: ready once listening).
     #[arg(long, env = "RMQ_AGENT_READY_NAMESRV", value_delimiter = ',')]
     #[serde(default)]
@@ -93,6 +96,7 @@ pub struct Config {
     pub connect_timeout: Duration,
     pub admin_addr: SocketAddr,
     pub admin_socket: PathBuf,
+    pub handoff_socket: PathBuf,
     pub ready_namesrv: Vec<SocketAddr>,
     pub log_format: LogFormat,
     pub access_log: bool,
@@ -147,6 +151,7 @@ impl RunArgs {
             connect_timeout: Duration::from_millis(self.connect_timeout_ms),
             admin_addr: self.admin_addr,
             admin_socket: self.admin_socket,
+            handoff_socket: self.handoff_socket,
             ready_namesrv: self.ready_namesrv,
             log_format: self.log_format,
             access_log: self.access_log,

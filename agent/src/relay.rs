@@ -4,11 +4,14 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use std::sync::OnceLock;
+
 use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
@@ -29,6 +32,34 @@ pub struct ProxyCtx {
     pub spoof_source: bool,
     pub access_log: bool,
     pub registry: Arc<Registry>,
+    /// Flips to true when a successor agent takes over: every connection
+    /// pauses at a read boundary and is handed to it.
+    pub migrate: watch::Receiver<bool>,
+    /// Where paused connections go; set before `migrate` flips.
+    pub handoff: OnceLock<mpsc::UnboundedSender<MigratedConn>>,
+    /// Connections queued for the successor but not yet sent; the old agent
+    /// must not exit while any are left.
+    pub in_transit: AtomicUsize,
+}
+
+/// What one direction of a paused connection carries to the successor:
+/// bytes read but not yet forwarded (an incomplete frame header) and how much
+/// of a streaming body is still to come.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct Carry {
+    pub pending: Vec<u8>,
+    pub body_left: usize,
+    pub body_frame_len: usize,
+}
+
+/// A live connection on its way to the successor agent.
+pub struct MigratedConn {
+    pub client: TcpStream,
+    pub upstream: TcpStream,
+    pub pod: PodAddr,
+    pub dst: OrigDst,
+    pub up: Carry,
+    pub down: Carry,
 }
 
 /// Which peer sent a frame.
@@ -105,8 +136,19 @@ pub async fn serve(ctx: Arc<ProxyCtx>, client: TcpStream, peer: SocketAddr) {
     let _ = socket::set_keepalive(&socket2::SockRef::from(&client), Duration::from_secs(30));
     let _ = client.set_nodelay(true);
     ctx.metrics.connection("proxied");
-    ctx.metrics.connections_active.inc();
     debug!(%pod, orig_dst = %dst, "connection opened");
+    run(ctx, client, upstream, pod, dst, Carry::default(), Carry::default()).await;
+}
+
+/// Continues a connection that the predecessor agent paused and handed over.
+pub async fn resume(ctx: Arc<ProxyCtx>, m: MigratedConn) {
+    ctx.metrics.connection("inherited");
+    debug!(pod = %m.pod, orig_dst = %m.dst, "connection inherited from the previous agent");
+    run(ctx, m.client, m.upstream, m.pod, m.dst, m.up, m.down).await;
+}
+
+async fn run(ctx: Arc<ProxyCtx>, client: TcpStream, upstream: TcpStream, pod: PodAddr, dst: OrigDst, up: Carry, down: Carry) {
+    ctx.metrics.connections_active.inc();
     let registration = ctx.registry.register(pod, dst);
     let conn = Conn {
         ctx: &ctx,
@@ -117,8 +159,31 @@ pub async fn serve(ctx: Arc<ProxyCtx>, client: TcpStream, peer: SocketAddr) {
         broker_reqs: Default::default(),
         requests: AtomicU64::new(0),
     };
-    conn.relay(&client, &upstream).await;
+    let end = conn.relay(&client, &upstream, up, down).await;
+    drop(registration);
+    if let RelayEnd::Paused(up, down) = end {
+        let m = MigratedConn { client, upstream, pod, dst, up, down };
+        ctx.in_transit.fetch_add(1, Ordering::SeqCst);
+        match ctx.handoff.get().map(|tx| tx.send(m)) {
+            Some(Ok(())) => ctx.metrics.connection("handed_over"),
+            // The successor went away mid-hand-over: closing is all that is left.
+            _ => {
+                ctx.in_transit.fetch_sub(1, Ordering::SeqCst);
+                warn!(%pod, orig_dst = %dst, "could not hand the connection to the new agent; closing it");
+            }
+        }
+    }
     ctx.metrics.connections_active.dec();
+}
+
+enum RelayEnd {
+    Closed,
+    Paused(Carry, Carry),
+}
+
+enum PumpEnd {
+    Eof(u64),
+    Paused(u64, Carry),
 }
 
 async fn connect(ctx: &ProxyCtx, pod: PodAddr, dst: OrigDst) -> io::Result<TcpStream> {
@@ -147,26 +212,42 @@ struct Conn<'a> {
 }
 
 impl Conn<'_> {
-    async fn relay(&self, client: &TcpStream, broker: &TcpStream) {
-        let up = self.pump(client, broker, Side::Client);
-        let down = self.pump(broker, client, Side::Broker);
+    async fn relay(&self, client: &TcpStream, broker: &TcpStream, up: Carry, down: Carry) -> RelayEnd {
+        let up = self.pump(client, broker, Side::Client, up);
+        let down = self.pump(broker, client, Side::Broker, down);
         tokio::pin!(up, down);
         let (first, result) = tokio::select! {
             r = &mut up => (Side::Client, r),
             r = &mut down => (Side::Broker, r),
         };
+        let rest = match first {
+            Side::Client => &mut down,
+            Side::Broker => &mut up,
+        };
         let (up_bytes, down_bytes, outcome) = match result {
-            Ok(n) => {
+            Ok(PumpEnd::Paused(n, carry)) => match rest.await {
+                Ok(PumpEnd::Paused(m, other)) => {
+                    let (u, d) = if first == Side::Client { (carry, other) } else { (other, carry) };
+                    let (ub, db) = if first == Side::Client { (n, m) } else { (m, n) };
+                    info!(pod = %self.pod, orig_dst = %self.dst, bytes_up = ub, bytes_down = db, "connection paused for hand-over");
+                    return RelayEnd::Paused(u, d);
+                }
+                // The other side finished while this one paused: nothing to hand over.
+                Ok(PumpEnd::Eof(_)) => (0, 0, "closed during hand-over".to_string()),
+                Err(e) => {
+                    self.on_error(first.other(), &e);
+                    socket::reset(client);
+                    socket::reset(broker);
+                    (0, 0, e.to_string())
+                }
+            },
+            Ok(PumpEnd::Eof(n)) => {
                 // Clean close on one side: pass the FIN on and let the other
                 // direction finish what it was sending.
-                let (closed_to, rest) = match first {
-                    Side::Client => (broker, &mut down),
-                    Side::Broker => (client, &mut up),
-                };
+                let closed_to = if first == Side::Client { broker } else { client };
                 let _ = socket2::SockRef::from(closed_to).shutdown(std::net::Shutdown::Write);
-                let other = tokio::time::timeout(HALF_CLOSE_LINGER, rest).await;
-                let m = match other {
-                    Ok(Ok(m)) => m,
+                let m = match tokio::time::timeout(HALF_CLOSE_LINGER, rest).await {
+                    Ok(Ok(PumpEnd::Eof(m) | PumpEnd::Paused(m, _))) => m,
                     Ok(Err(e)) => {
                         self.on_error(first.other(), &e);
                         0
@@ -197,6 +278,7 @@ impl Conn<'_> {
             reason = %outcome,
             "connection closed"
         );
+        RelayEnd::Closed
     }
 
     fn on_error(&self, side: Side, e: &RelayError) {
@@ -218,14 +300,24 @@ impl Conn<'_> {
     /// Copies `from` → `to`, validating every frame header on the way and
     /// forwarding only bytes that belong to validated frames. Returns the
     /// byte count on a clean EOF at a frame boundary.
-    async fn pump(&self, from: &TcpStream, to: &TcpStream, side: Side) -> Result<u64, RelayError> {
-        let mut scanner = FrameScanner::new(self.ctx.limits.clone());
+    async fn pump(&self, from: &TcpStream, to: &TcpStream, side: Side, carry: Carry) -> Result<PumpEnd, RelayError> {
+        let mut scanner = FrameScanner::resume(self.ctx.limits, (carry.body_left, carry.body_frame_len));
         let mut frames: Vec<FrameMeta> = Vec::new();
-        let mut buf: Vec<u8> = Vec::new();
-        let mut want = INITIAL_BUF;
+        let mut buf: Vec<u8> = carry.pending;
+        let mut want = INITIAL_BUF.max(buf.len());
         let mut total = 0u64;
+        let mut migrate = self.ctx.migrate.clone();
         loop {
-            from.readable().await?;
+            // Only here does `buf` hold nothing but not-yet-forwardable bytes,
+            // so this is where a connection may pause for a hand-over.
+            tokio::select! {
+                biased;
+                Ok(_) = migrate.wait_for(|m| *m) => {
+                    let (body_left, body_frame_len) = scanner.body_state();
+                    return Ok(PumpEnd::Paused(total, Carry { pending: buf, body_left, body_frame_len }));
+                }
+                r = from.readable() => r?,
+            }
             if buf.capacity() < want {
                 buf.reserve(want - buf.len());
             }
@@ -238,7 +330,7 @@ impl Conn<'_> {
                     if !buf.is_empty() {
                         return Err(RelayError::Truncated { seen: buf.len(), len: 0 });
                     }
-                    return Ok(total);
+                    return Ok(PumpEnd::Eof(total));
                 }
                 Ok(n) => {
                     if before + n == buf.capacity() && want < MAX_BUF {

@@ -6,7 +6,7 @@
 use std::io;
 use std::mem::{size_of, MaybeUninit};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 /// `SO_ORIGINAL_DST` (REDIRECT), IPv4 then IPv6 (`IP6T_SO_ORIGINAL_DST`, same number).
 const SO_ORIGINAL_DST: libc::c_int = 80;
@@ -69,4 +69,19 @@ fn original_dst_v6(fd: BorrowedFd<'_>) -> io::Result<SocketAddr> {
     let sa = unsafe { sa.assume_init() };
     let ip = Ipv6Addr::from(sa.sin6_addr.s6_addr);
     Ok(SocketAddr::V6(SocketAddrV6::new(ip, u16::from_be(sa.sin6_port), 0, 0)))
+}
+
+/// Takes ownership of a descriptor the kernel just created for this process
+/// (accept4, or SCM_RIGHTS in a hand-off).
+pub fn owned_from_kernel(fd: RawFd) -> OwnedFd {
+    // Safety: the caller got `fd` from a syscall that creates a new
+    // descriptor, so nothing else in this process owns or will close it.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+/// Registers a descriptor we own with the tokio reactor.
+pub fn register_owned(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    // Safety: an OwnedFd stays open and returns the same raw descriptor for
+    // as long as it lives, and the AsyncFd owns it for its whole lifetime.
+    unsafe { tokio::io::unix::AsyncFd::register(fd) }.map_err(|e| io::Error::other(e.to_string()))
 }

@@ -79,7 +79,36 @@ impl<'lab> Agent<'lab> {
         self.spawn()
     }
 
+    /// Starts a second agent while this one runs and waits until the old one
+    /// has handed over its listener and live connections and exited.
+    pub fn upgrade(&mut self) -> Result<()> {
+        let mut old = self.child.take().context("no agent is running to upgrade")?;
+        let new = self.launch()?;
+        self.child = Some(new);
+        let exited = wait_for("the old agent to hand over and exit", Duration::from_secs(20), || Ok(old.try_wait()?));
+        if let Err(e) = exited {
+            let _ = kill(Pid::from_raw(old.id() as i32), Signal::SIGKILL);
+            let _ = old.wait();
+            return Err(e.context(format!("agent log: {}", self.log_path.display())));
+        }
+        if !self.is_running() {
+            bail!("the new agent died during the hand-over; log:\n{}", self.log_text_tail(30));
+        }
+        Ok(())
+    }
+
+    /// This lab's hand-off socket (new agents find the running one here).
+    pub fn handoff_socket(&self) -> PathBuf {
+        self.lab.workdir().join("handoff.sock")
+    }
+
     fn spawn(&mut self) -> Result<()> {
+        let child = self.launch()?;
+        self.child = Some(child);
+        self.wait_listening()
+    }
+
+    fn launch(&mut self) -> Result<Child> {
         let log = OpenOptions::new()
             .create(true)
             .append(true)
@@ -89,6 +118,7 @@ impl<'lab> Agent<'lab> {
         cmd.args(["run", "--capture", "tproxy", "--log-format", "json"]);
         // Unix sockets live on the shared filesystem, not in a netns: each lab gets its own.
         cmd.arg("--admin-socket").arg(self.admin_socket());
+        cmd.arg("--handoff-socket").arg(self.handoff_socket());
         if self.options.spoof_source {
             cmd.arg("--spoof-source");
         }
@@ -111,7 +141,10 @@ impl<'lab> Agent<'lab> {
         }
         let child = cmd.spawn().with_context(|| format!("start {} in the node netns", self.bin.display()))?;
         std::fs::write(self.lab.workdir().join("agent.pid"), child.id().to_string())?;
-        self.child = Some(child);
+        Ok(child)
+    }
+
+    fn wait_listening(&mut self) -> Result<()> {
         let ready = wait_for("the agent's listeners :15001 and :15020 (node netns)", Duration::from_secs(10), || {
             if let Some(status) = self.child.as_mut().unwrap().try_wait()? {
                 bail!("rmq-agent exited during start-up ({status}); log:\n{}", self.log_text_tail(30));

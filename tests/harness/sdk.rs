@@ -38,11 +38,13 @@ pub struct SdkOptions {
     pub mode: String,
     /// The driver's own consume timeout (seconds).
     pub timeout_s: u64,
+    /// Seconds between sends, for sustained load (Python driver only).
+    pub send_interval_s: Option<f64>,
 }
 
 impl SdkOptions {
     pub fn push(topic: &str, messages: usize) -> SdkOptions {
-        SdkOptions { topic: topic.into(), group: None, messages, mode: "push".into(), timeout_s: 60 }
+        SdkOptions { topic: topic.into(), group: None, messages, mode: "push".into(), timeout_s: 60, send_interval_s: None }
     }
 }
 
@@ -58,7 +60,8 @@ pub struct SdkRun {
 }
 
 impl SdkRun {
-    fn value(&self, key: &str) -> Option<usize> {
+    /// The last `key=N` the driver printed.
+    pub fn value(&self, key: &str) -> Option<usize> {
         self.stdout
             .lines()
             .rev()
@@ -129,6 +132,9 @@ pub fn run(sdk: Sdk, ns: &Netns, namesrv: SocketAddr, opts: &SdkOptions, workdir
         .args(["--timeout", &opts.timeout_s.to_string()]);
     if let Some(g) = &opts.group {
         cmd.args(["--group", g]);
+    }
+    if let (Sdk::Python, Some(i)) = (sdk, opts.send_interval_s) {
+        cmd.args(["--send-interval", &i.to_string()]);
     }
     // The C++ client writes its logs under $HOME/logs; keep them with the test.
     let home = workdir.join(format!("home-{sdk:?}"));

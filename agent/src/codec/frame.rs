@@ -196,6 +196,17 @@ impl FrameScanner {
         }
     }
 
+    /// Where a streaming body stands, so a successor process can resume this
+    /// stream with [`FrameScanner::resume`]: (body bytes still to come, frame length).
+    pub fn body_state(&self) -> (usize, usize) {
+        (self.body_left, self.body_frame_len)
+    }
+
+    /// A scanner that continues a stream another scanner paused at a read boundary.
+    pub fn resume(limits: Limits, (body_left, body_frame_len): (usize, usize)) -> Self {
+        FrameScanner { body_left, body_frame_len, ..FrameScanner::new(limits) }
+    }
+
     /// `Some((bytes_seen, frame_len))` if the last scan stopped inside a frame; `frame_len` is 0
     /// when not even the length field had arrived.
     pub fn mid_frame(&self) -> Option<(usize, usize)> {

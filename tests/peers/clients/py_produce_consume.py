@@ -40,6 +40,8 @@ def main():
     ap.add_argument("-n", type=int, default=20)
     ap.add_argument("--mode", choices=["push", "pull"], default="push")
     ap.add_argument("--timeout", type=float, default=60)
+    ap.add_argument("--send-interval", type=float, default=0.0,
+                    help="seconds between sends, for sustained load (e.g. during an agent upgrade)")
     a = ap.parse_args()
 
     run = uuid.uuid4().hex[:8]
@@ -89,6 +91,7 @@ def main():
         time.sleep(float(os.environ.get("REBALANCE_WAIT_S", "3")))
 
     sent = 0
+    send_failed = 0
     t0 = time.time()
     for i in range(a.n):
         body = prefix + ("i=%d " % i).encode() + payload(i)
@@ -98,12 +101,23 @@ def main():
         m.set_keys("k%d" % i)
         m.set_tags("TagA")
         m.set_body(body)
-        r = producer.send_sync(m)
-        if int(r.status) == 0:
+        try:
+            r = producer.send_sync(m)
+            ok_send = int(r.status) == 0
+            if not ok_send:
+                print("send status", r.status, file=sys.stderr)
+        except Exception as e:  # the SDK raises on connection errors
+            ok_send = False
+            print("send failed:", e, file=sys.stderr)
+        if ok_send:
             sent += 1
         else:
-            print("send status", r.status, file=sys.stderr)
-    print("sent=%d in %.2fs (group=%s topic=%s)" % (sent, time.time() - t0, group, a.topic))
+            send_failed += 1
+            with lock:
+                expected.pop(body, None)
+        if a.send_interval:
+            time.sleep(a.send_interval)
+    print("sent=%d send_failed=%d in %.2fs (group=%s topic=%s)" % (sent, send_failed, time.time() - t0, group, a.topic))
 
     if a.mode == "push":
         done.wait(a.timeout)
@@ -124,7 +138,8 @@ def main():
     with lock:
         uniq = len(set(received))
         n_exact, bad = len(exact), list(mismatches)
-    print("mode=%s sent=%d received=%d unique=%d" % (a.mode, sent, len(received), uniq))
+    print("mode=%s sent=%d received=%d unique=%d duplicates=%d send_failed=%d"
+          % (a.mode, sent, len(received), uniq, len(received) - uniq, send_failed))
     for m in bad[:20]:
         print("MISMATCH", m)
     print("verify exact=%d/%d mismatched=%d" % (n_exact, a.n, len(bad)))

@@ -1,0 +1,138 @@
+//! Hitless upgrade. A new agent connects to the running one's hand-off
+//! socket and receives the *listening* socket itself (SCM_RIGHTS), so there
+//! is never a moment without a listener (TPROXY drops SYNs when there is
+//! none) and no accept backlog is lost. The old agent then pauses each live
+//! connection at a read boundary and passes both of its sockets, with any
+//! partly read header bytes, so the new agent resumes relaying mid-stream.
+//!
+//! SOCK_SEQPACKET keeps each message and its fds together.
+use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+
+use nix::sys::socket::{
+    accept4, bind, connect, listen, recvmsg, sendmsg, socket, AddressFamily, Backlog, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag,
+    SockType, UnixAddr,
+};
+use serde::{Deserialize, Serialize};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+
+use crate::relay::Carry;
+use crate::sys;
+
+/// Largest hand-off message; a connection whose pending bytes don't fit is
+/// drained instead of handed over.
+pub const MAX_MSG: usize = 256 * 1024;
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Msg {
+    /// New → old: hand me your listener.
+    Takeover { pid: u32 },
+    /// Old → new, with the listening socket attached.
+    Listener { generation: u64, listen: String },
+    /// New → old: I am accepting; stop and send your connections.
+    Ready { pid: u32 },
+    /// Old → new, with the pod-side and broker-side sockets attached.
+    Conn { pod: std::net::SocketAddr, dst: std::net::SocketAddr, up: Carry, down: Carry },
+    /// Old → new: nothing more is coming.
+    Done,
+}
+
+fn seqpacket() -> io::Result<OwnedFd> {
+    Ok(socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC, None)?)
+}
+
+/// The running agent's end: waits for a successor.
+pub struct HandoffListener {
+    fd: AsyncFd<OwnedFd>,
+}
+
+impl HandoffListener {
+    /// Binds at `path`, atomically replacing whatever is there, so the newest
+    /// agent is always the one a successor finds. Root only.
+    pub fn bind(path: &Path) -> io::Result<Self> {
+        use std::os::unix::fs::PermissionsExt;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let tmp: PathBuf = path.with_extension(format!("tmp{}", std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        let fd = seqpacket()?;
+        bind(fd.as_raw_fd(), &UnixAddr::new(&tmp)?)?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+        listen(&fd, Backlog::new(4).map_err(io::Error::from)?)?;
+        std::fs::rename(&tmp, path)?;
+        Ok(HandoffListener { fd: sys::register_owned(fd)? })
+    }
+
+    pub async fn accept(&self) -> io::Result<Peer> {
+        let fd = self
+            .fd
+            .async_io(Interest::READABLE, |fd| Ok(accept4(fd.as_raw_fd(), SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC)?))
+            .await?;
+        let fd = sys::owned_from_kernel(fd);
+        Ok(Peer { fd: sys::register_owned(fd)? })
+    }
+}
+
+/// Connects to a running agent; `None` when there is none (no socket file, or nobody listening).
+pub fn connect_predecessor(path: &Path) -> io::Result<Option<Peer>> {
+    let fd = seqpacket()?;
+    match connect(fd.as_raw_fd(), &UnixAddr::new(path)?) {
+        Ok(()) => {}
+        Err(nix::errno::Errno::ENOENT | nix::errno::Errno::ECONNREFUSED) => return Ok(None),
+        Err(nix::errno::Errno::EINPROGRESS | nix::errno::Errno::EAGAIN) => {}
+        Err(e) => return Err(e.into()),
+    }
+    Ok(Some(Peer { fd: sys::register_owned(fd)? }))
+}
+
+/// A connected hand-off channel.
+pub struct Peer {
+    fd: AsyncFd<OwnedFd>,
+}
+
+impl Peer {
+    pub async fn send(&self, msg: &Msg, fds: &[RawFd]) -> io::Result<()> {
+        let bytes = serde_json::to_vec(msg)?;
+        if bytes.len() > MAX_MSG {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "hand-off message too large"));
+        }
+        self.fd
+            .async_io(Interest::WRITABLE, |fd| {
+                let iov = [IoSlice::new(&bytes)];
+                let cmsg = [ControlMessage::ScmRights(fds)];
+                let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &cmsg };
+                sendmsg::<UnixAddr>(fd.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None)?;
+                Ok(())
+            })
+            .await
+    }
+
+    /// The next message and the descriptors that came with it.
+    pub async fn recv(&self) -> io::Result<(Msg, Vec<OwnedFd>)> {
+        let mut buf = vec![0u8; MAX_MSG];
+        let (n, fds) = self
+            .fd
+            .async_io(Interest::READABLE, |fd| {
+                let mut cmsg = nix::cmsg_space!([RawFd; 4]);
+                let mut iov = [IoSliceMut::new(&mut buf)];
+                let r = recvmsg::<UnixAddr>(fd.as_fd().as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)?;
+                let mut fds = Vec::new();
+                for c in r.cmsgs()? {
+                    if let ControlMessageOwned::ScmRights(raw) = c {
+                        fds.extend(raw.into_iter().map(sys::owned_from_kernel));
+                    }
+                }
+                Ok((r.bytes, fds))
+            })
+            .await?;
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the other agent closed the hand-off channel"));
+        }
+        let msg = serde_json::from_slice(&buf[..n]).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        Ok((msg, fds))
+    }
+}
