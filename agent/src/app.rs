@@ -2,7 +2,7 @@
 //! and a separate admin thread. Stops on SIGTERM/SIGINT (drain) or when a
 //! successor takes over (hand the listener and live connections over).
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -80,6 +80,8 @@ async fn serve(cfg: Config, log_level: Option<LogLevelHandle>, workers: usize) -
         migrate: migrate_rx,
         handoff: OnceLock::new(),
         in_transit: AtomicUsize::new(0),
+        draining: AtomicBool::new(false),
+        interceptor: None,
     });
     let listener = TcpListener::from_std(std_listener)?;
     let mut term = signal(SignalKind::terminate())?;
@@ -127,7 +129,8 @@ async fn serve(cfg: Config, log_level: Option<LogLevelHandle>, workers: usize) -
         tokio::spawn(send_connections(peer, rx, ctx.clone()))
     });
     if sender.is_none() {
-        info!(active = metrics.connections_active.get(), "draining: stopped accepting, waiting for open connections");
+        ctx.draining.store(true, Ordering::Relaxed);
+        info!(active = metrics.connections_active.get(), "draining: stopped accepting, waiting for open connections; clients newer than 5.3.1 get GO_AWAY");
     }
     let deadline = tokio::time::Instant::now() + cfg.drain_timeout;
     while (metrics.connections_active.get() > 0 || ctx.in_transit.load(Ordering::SeqCst) > 0) && tokio::time::Instant::now() < deadline {

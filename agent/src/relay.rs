@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,7 +16,8 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::addr::{OrigDst, PodAddr};
-use crate::codec::{code, request_code_name, CodecError, FrameMeta, FrameScanner, Limits};
+use crate::codec::header::Header;
+use crate::codec::{code, encode_frame, request_code_name, CodecError, FrameMeta, FrameScanner, Limits};
 use crate::metrics::Metrics;
 use crate::policy::DestinationPolicy;
 use crate::socket::{self, SocketFactory};
@@ -40,6 +41,54 @@ pub struct ProxyCtx {
     /// Connections queued for the successor but not yet sent; the old agent
     /// must not exit while any are left.
     pub in_transit: AtomicUsize,
+    /// Set while draining without a successor: clients that understand
+    /// GO_AWAY get it instead of their next request being relayed.
+    pub draining: AtomicBool,
+    /// Features that handle some requests themselves (Pull→Pop conversion).
+    pub interceptor: Option<Arc<dyn Interceptor>>,
+}
+
+/// RocketMQ clients newer than 5.3.1 (version ordinal 475) reconnect and
+/// retry once on GO_AWAY; older ones would just fail the request.
+const GO_AWAY_MIN_VERSION: i32 = 476;
+
+/// What the relay does with a frame whose header it has just validated.
+pub enum Verdict {
+    Forward,
+    /// Withhold the whole frame and give it to the interceptor once complete.
+    Take,
+    /// Withhold and drop it (e.g. a broker notification the agent answers itself).
+    Drop,
+    /// Withhold and drop it, and send this frame back to the client instead.
+    Answer(Vec<u8>),
+}
+
+/// A feature that handles some frames itself instead of relaying them.
+pub trait Interceptor: Send + Sync + 'static {
+    fn client_request(&self, conn: &ConnHandle, header: &Header) -> Verdict;
+    fn broker_request(&self, conn: &ConnHandle, header: &Header) -> Verdict;
+    /// A frame taken with [`Verdict::Take`], complete (prefix, header and body).
+    fn taken(&self, conn: &ConnHandle, header: Header, frame: Vec<u8>);
+    fn closed(&self, conn: &ConnHandle);
+    /// Whether the connection holds state that cannot move to a successor agent.
+    fn pins(&self, conn: &ConnHandle) -> bool;
+}
+
+/// What an interceptor may use of a connection, from any task.
+#[derive(Clone)]
+pub struct ConnHandle {
+    pub id: u64,
+    pub pod: PodAddr,
+    pub dst: OrigDst,
+    to_client: mpsc::UnboundedSender<Vec<u8>>,
+}
+
+impl ConnHandle {
+    /// Queues a whole frame for the client; it is written at the next frame
+    /// boundary of the broker's stream. False once the connection is gone.
+    pub fn send_to_client(&self, frame: Vec<u8>) -> bool {
+        self.to_client.send(frame).is_ok()
+    }
 }
 
 /// What one direction of a paused connection carries to the successor:
@@ -148,18 +197,26 @@ pub async fn resume(ctx: Arc<ProxyCtx>, m: MigratedConn) {
 }
 
 async fn run(ctx: Arc<ProxyCtx>, client: TcpStream, upstream: TcpStream, pod: PodAddr, dst: OrigDst, up: Carry, down: Carry) {
+    static IDS: AtomicU64 = AtomicU64::new(1);
     ctx.metrics.connections_active.inc();
     let registration = ctx.registry.register(pod, dst);
+    let (to_client, injections) = mpsc::unbounded_channel();
+    let handle = ConnHandle { id: IDS.fetch_add(1, Ordering::Relaxed), pod, dst, to_client };
     let conn = Conn {
         ctx: &ctx,
         pod,
         dst,
         stats: &registration.stats,
+        handle,
+        client_version: AtomicI32::new(0),
         client_reqs: Default::default(),
         broker_reqs: Default::default(),
         requests: AtomicU64::new(0),
     };
-    let end = conn.relay(&client, &upstream, up, down).await;
+    let end = conn.relay(&client, &upstream, up, down, injections).await;
+    if let Some(i) = &ctx.interceptor {
+        i.closed(&conn.handle);
+    }
     drop(registration);
     if let RelayEnd::Paused(up, down) = end {
         let m = MigratedConn { client, upstream, pod, dst, up, down };
@@ -203,6 +260,9 @@ struct Conn<'a> {
     pod: PodAddr,
     dst: OrigDst,
     stats: &'a ConnStats,
+    handle: ConnHandle,
+    /// The SDK's protocol version, from its first request (0 = none yet).
+    client_version: AtomicI32,
     /// Requests the pod sent, awaiting the broker's response.
     client_reqs: Mutex<Inflight>,
     /// Requests the broker sent (e.g. CHECK_TRANSACTION_STATE), awaiting the pod's response.
@@ -212,9 +272,9 @@ struct Conn<'a> {
 }
 
 impl Conn<'_> {
-    async fn relay(&self, client: &TcpStream, broker: &TcpStream, up: Carry, down: Carry) -> RelayEnd {
-        let up = self.pump(client, broker, Side::Client, up);
-        let down = self.pump(broker, client, Side::Broker, down);
+    async fn relay(&self, client: &TcpStream, broker: &TcpStream, up: Carry, down: Carry, injections: mpsc::UnboundedReceiver<Vec<u8>>) -> RelayEnd {
+        let up = self.pump(client, broker, Side::Client, up, None);
+        let down = self.pump(broker, client, Side::Broker, down, Some(injections));
         tokio::pin!(up, down);
         let (first, result) = tokio::select! {
             r = &mut up => (Side::Client, r),
@@ -298,23 +358,46 @@ impl Conn<'_> {
     }
 
     /// Copies `from` → `to`, validating every frame header on the way and
-    /// forwarding only bytes that belong to validated frames. Returns the
-    /// byte count on a clean EOF at a frame boundary.
-    async fn pump(&self, from: &TcpStream, to: &TcpStream, side: Side, carry: Carry) -> Result<PumpEnd, RelayError> {
+    /// forwarding only bytes that belong to validated frames; frames an
+    /// interceptor takes or drops are withheld. The pump toward the client
+    /// also writes injected frames (agent answers), only at frame boundaries.
+    /// Returns the byte count on a clean EOF at a frame boundary.
+    async fn pump(
+        &self,
+        from: &TcpStream,
+        to: &TcpStream,
+        side: Side,
+        carry: Carry,
+        mut injections: Option<mpsc::UnboundedReceiver<Vec<u8>>>,
+    ) -> Result<PumpEnd, RelayError> {
         let mut scanner = FrameScanner::resume(self.ctx.limits, (carry.body_left, carry.body_frame_len));
         let mut frames: Vec<FrameMeta> = Vec::new();
         let mut buf: Vec<u8> = carry.pending;
         let mut want = INITIAL_BUF.max(buf.len());
         let mut total = 0u64;
+        let mut tail = Tail::Forward;
         let mut migrate = self.ctx.migrate.clone();
         loop {
+            let at_boundary = match tail {
+                Tail::Forward => scanner.body_state().0 == 0,
+                Tail::Take { .. } | Tail::Drop { .. } => true,
+            };
             // Only here does `buf` hold nothing but not-yet-forwardable bytes,
             // so this is where a connection may pause for a hand-over.
             tokio::select! {
                 biased;
-                Ok(_) = migrate.wait_for(|m| *m) => {
+                true = migrating(&mut migrate), if at_boundary && matches!(tail, Tail::Forward) && !self.pinned() => {
+                    if let Some(rx) = injections.as_mut() {
+                        while let Ok(frame) = rx.try_recv() {
+                            write_all(to, &frame).await?;
+                        }
+                    }
                     let (body_left, body_frame_len) = scanner.body_state();
                     return Ok(PumpEnd::Paused(total, Carry { pending: buf, body_left, body_frame_len }));
+                }
+                Some(frame) = recv_some(&mut injections), if at_boundary => {
+                    write_all(to, &frame).await?;
+                    continue;
                 }
                 r = from.readable() => r?,
             }
@@ -337,14 +420,11 @@ impl Conn<'_> {
                         want *= 2;
                     }
                     let out = scanner.scan(&buf, &mut frames);
-                    for f in frames.drain(..) {
-                        self.on_frame(side, &f);
-                    }
-                    write_all(to, &buf[..out.consumed]).await?;
-                    total += out.consumed as u64;
-                    self.ctx.metrics.add_bytes(side.bytes_dir(), out.consumed as u64);
+                    let forwarded = self.route(side, &buf[..out.consumed], &mut frames, &mut tail, to).await?;
+                    total += forwarded;
+                    self.ctx.metrics.add_bytes(side.bytes_dir(), forwarded);
                     let counter = if side == Side::Client { &self.stats.bytes_up } else { &self.stats.bytes_down };
-                    counter.fetch_add(out.consumed as u64, Ordering::Relaxed);
+                    counter.fetch_add(forwarded, Ordering::Relaxed);
                     buf.drain(..out.consumed);
                     if let Some(e) = out.error {
                         return Err(RelayError::Malformed(e));
@@ -361,6 +441,106 @@ impl Conn<'_> {
                 Err(e) => return Err(e.into()),
             }
         }
+    }
+
+    /// Sends the validated bytes `data` on, frame by frame as verdicts say;
+    /// returns how many bytes were forwarded. `tail` says what to do with
+    /// the rest of a frame that continues past `data`.
+    async fn route(&self, side: Side, data: &[u8], frames: &mut Vec<FrameMeta>, tail: &mut Tail, to: &TcpStream) -> io::Result<u64> {
+        // Bytes before the first new frame continue the previous one.
+        let cont_end = frames.first().map_or(data.len(), |f| f.offset);
+        let mut run_start = match tail {
+            Tail::Forward => 0,
+            Tail::Take { frame, left, header } => {
+                frame.extend_from_slice(&data[..cont_end]);
+                *left -= cont_end;
+                if *left == 0 {
+                    let (h, f) = (header.clone(), std::mem::take(frame));
+                    *tail = Tail::Forward;
+                    self.deliver(h, f);
+                }
+                cont_end
+            }
+            Tail::Drop { left } => {
+                *left -= cont_end;
+                if *left == 0 {
+                    *tail = Tail::Forward;
+                }
+                cont_end
+            }
+        };
+        let mut forwarded = 0u64;
+        for f in frames.drain(..) {
+            let verdict = self.verdict(side, &f);
+            if matches!(verdict, Verdict::Forward) {
+                self.on_frame(side, &f);
+                *tail = Tail::Forward;
+                continue;
+            }
+            // Flush the run of forwarded bytes before the withheld frame.
+            write_all(to, &data[run_start..f.offset]).await?;
+            forwarded += (f.offset - run_start) as u64;
+            let end = (f.offset + f.frame_len).min(data.len());
+            let left = f.offset + f.frame_len - end;
+            run_start = end;
+            self.count_local(side, &f.header);
+            match verdict {
+                Verdict::Take if left == 0 => self.deliver(f.header, data[f.offset..end].to_vec()),
+                Verdict::Take => *tail = Tail::Take { header: f.header, frame: data[f.offset..end].to_vec(), left },
+                Verdict::Answer(resp) => {
+                    self.handle.send_to_client(resp);
+                    *tail = if left == 0 { Tail::Forward } else { Tail::Drop { left } };
+                }
+                Verdict::Drop | Verdict::Forward => *tail = if left == 0 { Tail::Forward } else { Tail::Drop { left } },
+            }
+        }
+        write_all(to, &data[run_start..]).await?;
+        forwarded += (data.len() - run_start) as u64;
+        Ok(forwarded)
+    }
+
+    fn verdict(&self, side: Side, f: &FrameMeta) -> Verdict {
+        let h = &f.header;
+        if h.is_response() {
+            return Verdict::Forward;
+        }
+        if side == Side::Client {
+            if self.client_version.load(Ordering::Relaxed) == 0 {
+                self.client_version.store(h.version.max(1), Ordering::Relaxed);
+            }
+            if self.ctx.draining.load(Ordering::Relaxed) && !h.is_oneway() && h.version >= GO_AWAY_MIN_VERSION {
+                let resp = Header::response(code::GO_AWAY, h.opaque, Some("rmq-agent is shutting down; reconnect".into()));
+                return Verdict::Answer(encode_frame(&resp, &[]));
+            }
+        }
+        match (&self.ctx.interceptor, side) {
+            (Some(i), Side::Client) => i.client_request(&self.handle, h),
+            (Some(i), Side::Broker) => match i.broker_request(&self.handle, h) {
+                // Only the client side can be answered or taken; the broker's
+                // own requests can be relayed or dropped.
+                Verdict::Forward => Verdict::Forward,
+                _ => Verdict::Drop,
+            },
+            (None, _) => Verdict::Forward,
+        }
+    }
+
+    fn deliver(&self, header: Header, frame: Vec<u8>) {
+        if let Some(i) = &self.ctx.interceptor {
+            i.taken(&self.handle, header, frame);
+        }
+    }
+
+    fn pinned(&self) -> bool {
+        self.ctx.interceptor.as_ref().is_some_and(|i| i.pins(&self.handle))
+    }
+
+    /// Requests the agent handled itself are counted but not timed.
+    fn count_local(&self, side: Side, h: &Header) {
+        self.ctx.metrics.request(code_label(h.code), side.label(), "", "");
+        self.stats.request(code_label(h.code));
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        debug!(pod = %self.pod, orig_dst = %self.dst, dir = side.label(), code = h.code, opaque = h.opaque, "request handled by the agent");
     }
 
     fn on_frame(&self, side: Side, f: &FrameMeta) {
@@ -435,6 +615,26 @@ impl Side {
 /// Unknown codes share one label so a peer cannot blow up metric cardinality.
 fn code_label(code: i32) -> &'static str {
     request_code_name(code).unwrap_or("UNKNOWN")
+}
+
+/// What to do with the rest of a frame that continues past the bytes read so far.
+enum Tail {
+    Forward,
+    Take { header: Header, frame: Vec<u8>, left: usize },
+    Drop { left: usize },
+}
+
+/// Resolves once a hand-over starts (never if the agent is not upgrading).
+async fn migrating(rx: &mut watch::Receiver<bool>) -> bool {
+    rx.wait_for(|m| *m).await.is_ok()
+}
+
+/// `recv` on an optional channel; never ready when there is none.
+async fn recv_some(rx: &mut Option<mpsc::UnboundedReceiver<Vec<u8>>>) -> Option<Vec<u8>> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {

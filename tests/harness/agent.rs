@@ -97,6 +97,19 @@ impl<'lab> Agent<'lab> {
         Ok(())
     }
 
+    /// Sends SIGTERM and returns at once (the agent drains in the background).
+    pub fn terminate(&self) -> Result<()> {
+        let child = self.child.as_ref().context("no agent is running")?;
+        kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM)?;
+        Ok(())
+    }
+
+    /// Waits for the agent to exit on its own; true if it did within `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<bool> {
+        let Some(child) = self.child.as_mut() else { return Ok(true) };
+        Ok(wait_for("the agent to exit", timeout, || Ok(child.try_wait()?)).is_ok())
+    }
+
     /// This lab's hand-off socket (new agents find the running one here).
     pub fn handoff_socket(&self) -> PathBuf {
         self.lab.workdir().join("handoff.sock")

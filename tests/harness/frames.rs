@@ -54,6 +54,11 @@ impl Frame {
 /// The JSON header a Java 4.x client sends (the field order matches the brief's example:
 /// `{"code":105,"extFields":{"topic":"TBW102"},"flag":0,"language":"JAVA","opaque":1,...}`).
 pub fn json_header(code: i32, opaque: i32, ext: &[(&str, &str)]) -> Vec<u8> {
+    json_header_version(code, opaque, ext, 401)
+}
+
+/// Like [`json_header`], claiming protocol version `version` (an SDK's MQVersion ordinal).
+pub fn json_header_version(code: i32, opaque: i32, ext: &[(&str, &str)], version: i32) -> Vec<u8> {
     let ext: Map<String, Value> = ext.iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
     serde_json::to_vec(&json!({
         "code": code,
@@ -62,7 +67,7 @@ pub fn json_header(code: i32, opaque: i32, ext: &[(&str, &str)]) -> Vec<u8> {
         "language": "JAVA",
         "opaque": opaque,
         "serializeTypeCurrentRPC": "JSON",
-        "version": 401,
+        "version": version,
     }))
     .expect("a JSON header always serialises")
 }
@@ -124,13 +129,20 @@ pub mod malformed {
 pub struct RemotingConn {
     stream: TcpStream,
     next_opaque: i32,
+    version: i32,
 }
 
 impl RemotingConn {
     pub fn new(stream: TcpStream) -> Result<RemotingConn> {
         stream.set_read_timeout(Some(Duration::from_secs(10)))?;
         stream.set_nodelay(true)?;
-        Ok(RemotingConn { stream, next_opaque: 1 })
+        Ok(RemotingConn { stream, next_opaque: 1, version: 401 })
+    }
+
+    /// Claims to be an SDK of protocol version `version` from now on.
+    pub fn with_version(mut self, version: i32) -> RemotingConn {
+        self.version = version;
+        self
     }
 
     pub fn stream(&self) -> &TcpStream {
@@ -142,7 +154,7 @@ impl RemotingConn {
     pub fn request(&mut self, code: i32, ext: &[(&str, &str)], body: &[u8]) -> Result<Frame> {
         let opaque = self.next_opaque;
         self.next_opaque += 1;
-        self.send_raw(&encode_request(code, opaque, ext, body))?;
+        self.send_raw(&encode(&json_header_version(code, opaque, ext, self.version), body))?;
         loop {
             let f = self.read_frame().with_context(|| format!("waiting for the response to code {code}"))?;
             if f.is_response() && f.opaque() == opaque as i64 {
