@@ -6,6 +6,7 @@
 pub mod addr;
 pub mod admin;
 pub mod app;
+pub mod broker_client;
 pub mod codec;
 pub mod config;
 pub mod handoff;

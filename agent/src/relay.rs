@@ -55,6 +55,8 @@ const GO_AWAY_MIN_VERSION: i32 = 476;
 /// What the relay does with a frame whose header it has just validated.
 pub enum Verdict {
     Forward,
+    /// Forward it, and give the interceptor a copy once complete (e.g. heartbeats).
+    Inspect,
     /// Withhold the whole frame and give it to the interceptor once complete.
     Take,
     /// Withhold and drop it (e.g. a broker notification the agent answers itself).
@@ -69,6 +71,8 @@ pub trait Interceptor: Send + Sync + 'static {
     fn broker_request(&self, conn: &ConnHandle, header: &Header) -> Verdict;
     /// A frame taken with [`Verdict::Take`], complete (prefix, header and body).
     fn taken(&self, conn: &ConnHandle, header: Header, frame: Vec<u8>);
+    /// A copy of a frame forwarded with [`Verdict::Inspect`], complete.
+    fn inspected(&self, conn: &ConnHandle, header: Header, frame: Vec<u8>);
     fn closed(&self, conn: &ConnHandle);
     /// Whether the connection holds state that cannot move to a successor agent.
     fn pins(&self, conn: &ConnHandle) -> bool;
@@ -379,7 +383,7 @@ impl Conn<'_> {
         let mut migrate = self.ctx.migrate.clone();
         loop {
             let at_boundary = match tail {
-                Tail::Forward => scanner.body_state().0 == 0,
+                Tail::Forward | Tail::Inspect { .. } => scanner.body_state().0 == 0,
                 Tail::Take { .. } | Tail::Drop { .. } => true,
             };
             // Only here does `buf` hold nothing but not-yet-forwardable bytes,
@@ -451,6 +455,16 @@ impl Conn<'_> {
         let cont_end = frames.first().map_or(data.len(), |f| f.offset);
         let mut run_start = match tail {
             Tail::Forward => 0,
+            Tail::Inspect { frame, left, header } => {
+                frame.extend_from_slice(&data[..cont_end]);
+                *left -= cont_end;
+                if *left == 0 {
+                    let (h, f) = (header.clone(), std::mem::take(frame));
+                    *tail = Tail::Forward;
+                    self.inspect(h, f);
+                }
+                0
+            }
             Tail::Take { frame, left, header } => {
                 frame.extend_from_slice(&data[..cont_end]);
                 *left -= cont_end;
@@ -472,9 +486,19 @@ impl Conn<'_> {
         let mut forwarded = 0u64;
         for f in frames.drain(..) {
             let verdict = self.verdict(side, &f);
-            if matches!(verdict, Verdict::Forward) {
+            if matches!(verdict, Verdict::Forward | Verdict::Inspect) {
                 self.on_frame(side, &f);
                 *tail = Tail::Forward;
+                if matches!(verdict, Verdict::Inspect) {
+                    let end = (f.offset + f.frame_len).min(data.len());
+                    let left = f.offset + f.frame_len - end;
+                    let frame = data[f.offset..end].to_vec();
+                    if left == 0 {
+                        self.inspect(f.header, frame);
+                    } else {
+                        *tail = Tail::Inspect { header: f.header, frame, left };
+                    }
+                }
                 continue;
             }
             // Flush the run of forwarded bytes before the withheld frame.
@@ -491,7 +515,7 @@ impl Conn<'_> {
                     self.handle.send_to_client(resp);
                     *tail = if left == 0 { Tail::Forward } else { Tail::Drop { left } };
                 }
-                Verdict::Drop | Verdict::Forward => *tail = if left == 0 { Tail::Forward } else { Tail::Drop { left } },
+                Verdict::Drop | Verdict::Forward | Verdict::Inspect => *tail = if left == 0 { Tail::Forward } else { Tail::Drop { left } },
             }
         }
         write_all(to, &data[run_start..]).await?;
@@ -517,8 +541,8 @@ impl Conn<'_> {
             (Some(i), Side::Client) => i.client_request(&self.handle, h),
             (Some(i), Side::Broker) => match i.broker_request(&self.handle, h) {
                 // Only the client side can be answered or taken; the broker's
-                // own requests can be relayed or dropped.
-                Verdict::Forward => Verdict::Forward,
+                // own requests can be relayed, inspected or dropped.
+                v @ (Verdict::Forward | Verdict::Inspect) => v,
                 _ => Verdict::Drop,
             },
             (None, _) => Verdict::Forward,
@@ -528,6 +552,12 @@ impl Conn<'_> {
     fn deliver(&self, header: Header, frame: Vec<u8>) {
         if let Some(i) = &self.ctx.interceptor {
             i.taken(&self.handle, header, frame);
+        }
+    }
+
+    fn inspect(&self, header: Header, frame: Vec<u8>) {
+        if let Some(i) = &self.ctx.interceptor {
+            i.inspected(&self.handle, header, frame);
         }
     }
 
@@ -620,6 +650,7 @@ fn code_label(code: i32) -> &'static str {
 /// What to do with the rest of a frame that continues past the bytes read so far.
 enum Tail {
     Forward,
+    Inspect { header: Header, frame: Vec<u8>, left: usize },
     Take { header: Header, frame: Vec<u8>, left: usize },
     Drop { left: usize },
 }
