@@ -359,13 +359,24 @@ def cmd_set_mode(broker, topic, group, mode, share="0"):
     return 0 if resp["code"] == 0 else 1
 
 
+def cmd_create_topic(broker, topic, queues="2"):
+    """UPDATE_AND_CREATE_TOPIC (17) with read = write queues, perm RW."""
+    r = Remoting(broker)
+    ext = {"topic": topic, "defaultTopic": "TBW102", "readQueueNums": str(queues),
+           "writeQueueNums": str(queues), "perm": "6", "topicFilterType": "SINGLE_TAG",
+           "topicSysFlag": "0", "order": "false"}
+    resp = r.request(17, ext, b"")
+    print("UPDATE_AND_CREATE_TOPIC code=%s remark=%s" % (resp["code"], resp["remark"]))
+    return 0 if resp["code"] == 0 else 1
+
+
 def main(argv):
     if len(argv) < 2:
         print(__doc__)
         return 2
     cmds = {"cluster": cmd_cluster, "route": cmd_route, "send": cmd_send, "pull": cmd_pull,
             "offset": cmd_offset, "popcheck": cmd_popcheck, "wait-ready": cmd_wait_ready,
-            "set-mode": cmd_set_mode}
+            "set-mode": cmd_set_mode, "create-topic": cmd_create_topic}
     return cmds[argv[1]](*argv[2:])
 
 
