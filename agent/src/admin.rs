@@ -17,7 +17,7 @@ use tracing::{debug, info, warn};
 
 use crate::logging::LogLevelHandle;
 use crate::metrics::Metrics;
-use crate::state::{now_ms, ListenerView, Registry, StateDump};
+use crate::state::{now_ms, ConvertedGroupView, ListenerView, Registry, StateDump};
 
 pub struct AdminState {
     pub metrics: Arc<Metrics>,
@@ -30,6 +30,8 @@ pub struct AdminState {
     pub generation: AtomicU64,
     pub started_ms: u64,
     pub listeners: std::sync::Mutex<Vec<ListenerView>>,
+    /// Pull→Pop state for the dump, when conversion is on.
+    pub converted: std::sync::OnceLock<Box<dyn Fn() -> Vec<ConvertedGroupView> + Send + Sync>>,
 }
 
 impl AdminState {
@@ -44,6 +46,7 @@ impl AdminState {
             generation: AtomicU64::new(0),
             started_ms: now_ms(),
             listeners: Default::default(),
+            converted: Default::default(),
         }
     }
 
@@ -62,7 +65,7 @@ impl AdminState {
             draining: self.draining.load(Ordering::Relaxed),
             listeners: self.listeners.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             connections: self.registry.connections(),
-            converted_groups: Vec::new(),
+            converted_groups: self.converted.get().map(|f| f()).unwrap_or_default(),
         }
     }
 }

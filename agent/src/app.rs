@@ -14,6 +14,10 @@ use tracing::{info, warn};
 
 use crate::addr::{OrigDst, PodAddr};
 use crate::admin::{self, AdminState};
+use crate::broker_client::BrokerClients;
+use crate::convert::Converter;
+use crate::pop::policy::ConvertPolicy;
+use crate::state::ConvertedGroupView;
 use crate::codec::Limits;
 use crate::config::Config;
 use crate::handoff::{self, HandoffListener, Msg, Peer};
@@ -67,12 +71,28 @@ async fn serve(cfg: Config, log_level: Option<LogLevelHandle>, workers: usize) -
     let successors = HandoffListener::bind(&cfg.handoff_socket)
         .with_context(|| format!("cannot bind the hand-off socket {}", cfg.handoff_socket.display()))?;
 
+    let limits = Limits { max_frame: cfg.max_frame, ..Limits::default() };
+    let interceptor: Option<Arc<dyn crate::relay::Interceptor>> = if cfg.convert.policy == ConvertPolicy::None {
+        None
+    } else {
+        let brokers = Arc::new(BrokerClients::new(sockets.clone(), limits, cfg.connect_timeout));
+        let converter = Converter::new(cfg.convert.clone(), brokers, metrics.clone(), limits);
+        let view = converter.clone();
+        let gauge = metrics.clone();
+        let _ = admin.converted.set(Box::new(move || {
+            let groups = view.pending();
+            gauge.pending_receipts.set(groups.iter().map(|g| g.2 as i64).sum());
+            groups.into_iter().map(|(group, topic, pending_receipts)| ConvertedGroupView { group, topic, pending_receipts }).collect()
+        }));
+        info!(policy = ?cfg.convert.policy, invisible_ms = cfg.convert.invisible.as_millis() as u64, "Pull→Pop conversion on");
+        Some(converter)
+    };
     let (migrate_tx, migrate_rx) = watch::channel(false);
     let ctx = Arc::new(ProxyCtx {
         sockets,
         policy: DestinationPolicy::new(cfg.ports.iter().copied(), cfg.allow_cidrs.clone(), cfg.listen.port()),
         metrics: metrics.clone(),
-        limits: Limits { max_frame: cfg.max_frame, ..Limits::default() },
+        limits,
         connect_timeout: cfg.connect_timeout,
         spoof_source: cfg.spoof_source,
         access_log: cfg.access_log,
@@ -81,7 +101,7 @@ async fn serve(cfg: Config, log_level: Option<LogLevelHandle>, workers: usize) -
         handoff: OnceLock::new(),
         in_transit: AtomicUsize::new(0),
         draining: AtomicBool::new(false),
-        interceptor: None,
+        interceptor,
     });
     let listener = TcpListener::from_std(std_listener)?;
     let mut term = signal(SignalKind::terminate())?;

@@ -55,6 +55,15 @@ pub struct RunArgs {
     /// Unix socket where a running agent hands its listener and connections to a successor.
     #[arg(long, env = "RMQ_AGENT_HANDOFF_SOCKET", default_value = rmq_common::HANDOFF_SOCKET)]
     pub handoff_socket: PathBuf,
+    /// Pull→Pop conversion: `none`, `all`, or a comma list of consumer groups.
+    #[arg(long, env = "RMQ_AGENT_CONVERT", default_value = "none")]
+    pub convert: String,
+    /// How long a popped message stays invisible (renewed while its client holds it).
+    #[arg(long, env = "RMQ_AGENT_POP_INVISIBLE_MS", default_value_t = 60_000)]
+    pub pop_invisible_ms: u64,
+    /// Invisible time for messages the agent releases (never delivered, or the client left).
+    #[arg(long, env = "RMQ_AGENT_POP_RELEASE_MS", default_value_t = 1_000)]
+    pub pop_release_ms: u64,
     /// Name servers whose reachability gates /readyz (empty: ready once listening).
     #[arg(long, env = "RMQ_AGENT_READY_NAMESRV", value_delimiter = ',')]
     #[serde(default)]
@@ -98,6 +107,7 @@ pub struct Config {
     pub admin_socket: PathBuf,
     pub handoff_socket: PathBuf,
     pub ready_namesrv: Vec<SocketAddr>,
+    pub convert: crate::convert::ConvertConfig,
     pub log_format: LogFormat,
     pub access_log: bool,
     pub workers: usize,
@@ -138,6 +148,9 @@ impl RunArgs {
         if self.ports.contains(&self.listen.port()) {
             bail!("--ports contains the agent's own port {}; that would make it relay to itself", self.listen.port());
         }
+        if self.pop_invisible_ms < 2 * 10_000 {
+            bail!("--pop-invisible-ms must be at least 20000: receipts are renewed 10 s before they expire");
+        }
         if self.max_frame < 8 || self.max_frame > i32::MAX as usize {
             bail!("--max-frame must be between 8 and {} bytes", i32::MAX);
         }
@@ -152,6 +165,11 @@ impl RunArgs {
             admin_addr: self.admin_addr,
             admin_socket: self.admin_socket,
             handoff_socket: self.handoff_socket,
+            convert: crate::convert::ConvertConfig {
+                policy: self.convert.parse().map_err(|e| anyhow::anyhow!("--convert {:?}: {e}", self.convert))?,
+                invisible: Duration::from_millis(self.pop_invisible_ms),
+                release: Duration::from_millis(self.pop_release_ms),
+            },
             ready_namesrv: self.ready_namesrv,
             log_format: self.log_format,
             access_log: self.access_log,

@@ -35,6 +35,11 @@ pub struct FrameErrorLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DirLabel {
     pub dir: &'static str,
 }
@@ -46,6 +51,11 @@ pub struct Metrics {
     pub frame_errors: Family<FrameErrorLabels, Counter>,
     pub bytes: Family<DirLabel, Counter<u64, AtomicU64>>,
     pub latency: Family<CodeLabel, Histogram>,
+    /// Pull→Pop: decisions, agent requests by kind, messages delivered, receipts held.
+    pub conversions: Family<ResultLabel, Counter>,
+    pub pop_requests: Family<KindLabel, Counter>,
+    pub pop_messages: Counter,
+    pub pending_receipts: Gauge,
     registry: Registry,
 }
 
@@ -65,7 +75,15 @@ impl Metrics {
         registry.register("frame_errors", "Connections closed for a malformed frame", frame_errors.clone());
         registry.register("bytes", "Bytes relayed (up = pod to broker)", bytes.clone());
         registry.register("request_duration_seconds", "Request to response time through the agent, by request code", latency.clone());
-        Metrics { connections, connections_active, requests, frame_errors, bytes, latency, registry }
+        let conversions = Family::<ResultLabel, Counter>::default();
+        let pop_requests = Family::<KindLabel, Counter>::default();
+        let pop_messages = Counter::default();
+        let pending_receipts = Gauge::default();
+        registry.register("pop_conversion_decisions", "Consumer groups converted to POP or relayed unconverted", conversions.clone());
+        registry.register("pop_requests", "Requests the agent sent for converted groups (pop, ack, change_invisible, renew, dlq)", pop_requests.clone());
+        registry.register("pop_messages", "Messages delivered to classic consumers through POP", pop_messages.clone());
+        registry.register("pop_pending_receipts", "Popped messages not yet acknowledged", pending_receipts.clone());
+        Metrics { connections, connections_active, requests, frame_errors, bytes, latency, conversions, pop_requests, pop_messages, pending_receipts, registry }
     }
 
     pub fn connection(&self, result: &'static str) {
@@ -75,6 +93,19 @@ impl Metrics {
     pub fn request(&self, code: &'static str, dir: &'static str, topic: &str, group: &str) {
         let labels = RequestLabels { code, dir, topic: topic.to_string(), group: group.to_string() };
         self.requests.get_or_create(&labels).inc();
+    }
+
+    pub fn conversion_decision(&self, converted: bool) {
+        let result = if converted { "converted" } else { "pass_through" };
+        self.conversions.get_or_create(&ResultLabel { result }).inc();
+    }
+
+    pub fn pop(&self, kind: &'static str) {
+        self.pop_requests.get_or_create(&KindLabel { kind }).inc();
+    }
+
+    pub fn pop_messages(&self, n: u64) {
+        self.pop_messages.inc_by(n);
     }
 
     pub fn latency(&self, code: &'static str, d: std::time::Duration) {

@@ -69,6 +69,9 @@ pub enum Verdict {
 pub trait Interceptor: Send + Sync + 'static {
     fn client_request(&self, conn: &ConnHandle, header: &Header) -> Verdict;
     fn broker_request(&self, conn: &ConnHandle, header: &Header) -> Verdict;
+    /// Whether to copy the broker's response to a client request
+    /// (`request_code`) to [`Interceptor::inspected`]; it is always forwarded.
+    fn inspect_response(&self, conn: &ConnHandle, request_code: i32) -> bool;
     /// A frame taken with [`Verdict::Take`], complete (prefix, header and body).
     fn taken(&self, conn: &ConnHandle, header: Header, frame: Vec<u8>);
     /// A copy of a frame forwarded with [`Verdict::Inspect`], complete.
@@ -526,6 +529,12 @@ impl Conn<'_> {
     fn verdict(&self, side: Side, f: &FrameMeta) -> Verdict {
         let h = &f.header;
         if h.is_response() {
+            if let (Some(i), Side::Broker) = (&self.ctx.interceptor, side) {
+                let code = self.client_reqs.lock().unwrap_or_else(|p| p.into_inner()).0.get(&h.opaque).map(|r| r.0);
+                if code.is_some_and(|c| i.inspect_response(&self.handle, c)) {
+                    return Verdict::Inspect;
+                }
+            }
             return Verdict::Forward;
         }
         if side == Side::Client {

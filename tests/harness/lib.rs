@@ -10,6 +10,7 @@
 
 pub mod agent;
 pub mod frames;
+pub mod group;
 pub mod lab;
 pub mod netns;
 pub mod peers;

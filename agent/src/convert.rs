@@ -1,0 +1,592 @@
+//! Pull→Pop conversion: a classic push consumer's PULL is served with
+//! broker-side POP and its offset commits become ACKs, so any number of
+//! consumers share every queue and a hung consumer's messages come back to
+//! the others after the invisible time. See protocol.md §4.2 for the design;
+//! the rules that keep messages from being lost live in `pop::session`.
+//!
+//! Only groups the policy selects, that are clustering push consumers, and
+//! that never sent LOCK_BATCH_MQ are converted; everything else is relayed.
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tracing::{debug, info, warn};
+
+use crate::broker_client::BrokerClients;
+use crate::codec::code;
+use crate::codec::header::Header;
+use crate::codec::{decode_frame, encode_frame, Limits};
+use crate::metrics::Metrics;
+use crate::pop::heartbeat::{parse_heartbeat, ConsumerData};
+use crate::pop::policy::{ConvertPolicy, Decision};
+use crate::pop::receipt::{receipts_from_pop, renewed, Receipt};
+use crate::pop::session::{Renewal, SessionKey, Sessions};
+use crate::pop::{batch, requests};
+use crate::relay::{ConnHandle, Interceptor, Verdict};
+use crate::state::now_ms;
+
+#[derive(Debug, Clone)]
+pub struct ConvertConfig {
+    pub policy: ConvertPolicy,
+    /// How long a popped message stays invisible to other consumers before
+    /// the broker redelivers it (renewed while the client still holds it).
+    pub invisible: Duration,
+    /// Invisible time given to messages the agent releases (never delivered,
+    /// or their client is gone), so they come back almost at once.
+    pub release: Duration,
+}
+
+/// Response codes of POP that mean "nothing to deliver now".
+const POLLING_FULL: i32 = 209;
+const POLLING_TIMEOUT: i32 = 210;
+const NO_MESSAGE: i32 = 208;
+/// POP can return at most this many messages.
+const MAX_POP_BATCH: i32 = 32;
+/// Renew receipts this close to becoming visible again.
+const RENEW_MARGIN_MS: i64 = 10_000;
+const RENEW_EVERY: Duration = Duration::from_secs(5);
+
+struct GroupState {
+    consumer: ConsumerData,
+    decision: Decision,
+}
+
+/// What the converter knows about one pod connection.
+struct ConnState {
+    handle: ConnHandle,
+    client_id: Mutex<Option<String>>,
+    groups: Mutex<HashMap<String, GroupState>>,
+    sessions: Mutex<Sessions>,
+    closed: AtomicBool,
+}
+
+pub struct Converter {
+    cfg: ConvertConfig,
+    brokers: Arc<BrokerClients>,
+    metrics: Arc<Metrics>,
+    limits: Limits,
+    conns: Mutex<HashMap<u64, Arc<ConnState>>>,
+    orderly: Mutex<HashSet<String>>,
+    /// Broker address → broker name, learned from route responses relayed to pods.
+    broker_names: Mutex<HashMap<SocketAddr, String>>,
+    /// For spawning request handlers from `&self` trait methods.
+    me: std::sync::Weak<Converter>,
+}
+
+impl Converter {
+    pub fn new(cfg: ConvertConfig, brokers: Arc<BrokerClients>, metrics: Arc<Metrics>, limits: Limits) -> Arc<Self> {
+        let c = Arc::new_cyclic(|me| Converter {
+            cfg,
+            brokers,
+            metrics,
+            limits,
+            conns: Default::default(),
+            orderly: Default::default(),
+            broker_names: Default::default(),
+            me: me.clone(),
+        });
+        tokio::spawn(renew_loop(Arc::downgrade(&c)));
+        c
+    }
+
+    fn state(&self, conn: &ConnHandle) -> Arc<ConnState> {
+        lock(&self.conns)
+            .entry(conn.id)
+            .or_insert_with(|| {
+                Arc::new(ConnState {
+                    handle: conn.clone(),
+                    client_id: Default::default(),
+                    groups: Default::default(),
+                    sessions: Default::default(),
+                    closed: AtomicBool::new(false),
+                })
+            })
+            .clone()
+    }
+
+    fn existing(&self, conn: &ConnHandle) -> Option<Arc<ConnState>> {
+        lock(&self.conns).get(&conn.id).cloned()
+    }
+
+    fn converted(&self, conn: &ConnHandle, group: &str) -> bool {
+        self.existing(conn)
+            .is_some_and(|st| lock(&st.groups).get(group).is_some_and(|g| g.decision == Decision::Convert))
+    }
+
+    /// Pending receipts per (group, topic), for the state dump.
+    pub fn pending(&self) -> Vec<(String, String, u64)> {
+        let mut out: HashMap<(String, String), u64> = HashMap::new();
+        for st in lock(&self.conns).values() {
+            for ((g, t), n) in lock(&st.sessions).pending_counts() {
+                *out.entry((g, t)).or_default() += n as u64;
+            }
+        }
+        let mut v: Vec<_> = out.into_iter().map(|((g, t), n)| (g, t, n)).collect();
+        v.sort();
+        v
+    }
+
+    fn on_heartbeat(&self, conn: &ConnHandle, body: &[u8]) {
+        let hb = match parse_heartbeat(body) {
+            Ok(hb) => hb,
+            Err(e) => return warn!(pod = %conn.pod, error = %e, "cannot parse a heartbeat body; its groups are relayed unconverted"),
+        };
+        let st = self.state(conn);
+        *lock(&st.client_id) = Some(hb.client_id.clone());
+        let orderly = lock(&self.orderly).clone();
+        let mut groups = lock(&st.groups);
+        for consumer in hb.consumers {
+            let decision = self.cfg.policy.decide(&consumer, orderly.contains(&consumer.group_name));
+            let changed = groups.get(&consumer.group_name).is_none_or(|g| g.decision != decision);
+            if changed {
+                self.metrics.conversion_decision(decision == Decision::Convert);
+                match decision {
+                    Decision::Convert => info!(pod = %conn.pod, group = %consumer.group_name, client = %hb.client_id, "converting this consumer group from PULL to POP"),
+                    Decision::PassThrough(why) => info!(pod = %conn.pod, group = %consumer.group_name, reason = why, "consumer group relayed unconverted"),
+                }
+            }
+            groups.insert(consumer.group_name.clone(), GroupState { consumer, decision });
+        }
+    }
+
+    fn on_lock(&self, body: &[u8]) {
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else { return };
+        let Some(group) = v.get("consumerGroup").and_then(|g| g.as_str()) else { return };
+        if lock(&self.orderly).insert(group.to_string()) {
+            info!(group, "orderly consumer group (LOCK_BATCH_MQ): relayed unconverted from now on");
+            for st in lock(&self.conns).values() {
+                if let Some(g) = lock(&st.groups).get_mut(group) {
+                    g.decision = Decision::PassThrough("orderly consumer (sent LOCK_BATCH_MQ)");
+                }
+            }
+        }
+    }
+
+    fn on_route(&self, body: &[u8]) {
+        for (addr, name) in route_brokers(body) {
+            lock(&self.broker_names).insert(addr, name);
+        }
+    }
+
+    fn broker_name(&self, addr: SocketAddr) -> Option<String> {
+        lock(&self.broker_names).get(&addr).cloned()
+    }
+
+    fn reply(&self, st: &ConnState, header: Header, body: &[u8]) {
+        st.handle.send_to_client(encode_frame(&header, body));
+    }
+
+    async fn handle(self: Arc<Self>, st: Arc<ConnState>, h: Header, frame: Vec<u8>) {
+        let ext = |k: &str| h.ext(k).unwrap_or("").to_string();
+        let num = |k: &str| h.ext(k).and_then(|v| v.parse::<i64>().ok());
+        match h.code {
+            code::GET_CONSUMER_LIST_BY_GROUP => {
+                // Every client owns every queue: no idle consumers, no rebalance churn.
+                let me = lock(&st.client_id).clone().unwrap_or_default();
+                let (rh, body) = requests::consumer_list(h.opaque, &[me]);
+                self.reply(&st, rh, &body);
+            }
+            code::QUERY_CONSUMER_OFFSET => {
+                let (rh, body) = requests::query_offset(h.opaque, 0);
+                self.reply(&st, rh, &body);
+            }
+            code::UPDATE_CONSUMER_OFFSET => {
+                let (group, topic) = (ext("consumerGroup"), ext("topic"));
+                let (q, c) = (num("queueId").unwrap_or(-1) as i32, num("commitOffset").unwrap_or(-1));
+                let acks = lock(&st.sessions).on_commit(&SessionKey::new(&group, &topic, q), c);
+                self.ack(&st, &group, acks).await;
+                if !h.is_oneway() {
+                    let (rh, body) = requests::simple_ok(h.opaque);
+                    self.reply(&st, rh, &body);
+                }
+            }
+            code::PULL_MESSAGE => self.pull(&st, &h).await,
+            code::CONSUMER_SEND_MSG_BACK => self.send_back(&st, &h, frame).await,
+            other => debug!(code = other, "taken frame with no handler; dropped"),
+        }
+    }
+
+    async fn pull(&self, st: &Arc<ConnState>, h: &Header) {
+        let num = |k: &str| h.ext(k).and_then(|v| v.parse::<i64>().ok());
+        let group = h.ext("consumerGroup").unwrap_or("").to_string();
+        let topic = h.ext("topic").unwrap_or("").to_string();
+        let vq = num("queueId").unwrap_or(0) as i32;
+        let x = num("queueOffset").unwrap_or(0);
+        let sys_flag = num("sysFlag").unwrap_or(0);
+        let max = (num("maxMsgNums").unwrap_or(32) as i32).clamp(1, MAX_POP_BATCH);
+        let suspend = num("suspendTimeoutMillis").unwrap_or(15_000);
+
+        // Receipts at or above X were never seen by the client: give them back.
+        let key = SessionKey::new(&group, &topic, vq);
+        let (release, acks, generation) = {
+            let mut s = lock(&st.sessions);
+            // Commit first: it covers offsets below X, the release covers X and above.
+            let acks = if sys_flag & 0x1 != 0 { s.on_commit(&key, num("commitOffset").unwrap_or(-1)) } else { Vec::new() };
+            let release = s.on_pull(&key, x);
+            (release, acks, s.generation(&key).unwrap_or(0))
+        };
+        self.ack(st, &group, acks).await;
+        self.release(st, &group, release);
+
+        let Some(broker_name) = self.broker_name(st.handle.dst.0) else {
+            warn!(broker = %st.handle.dst, "broker name not learned yet (no route lookup seen through the agent); the client retries");
+            let (rh, body) = requests::system_busy(h.opaque, "rmq-agent: broker name unknown yet, retry");
+            return self.reply(st, rh, &body);
+        };
+        let (init_mode, exp_type, exp) = {
+            let groups = lock(&st.groups);
+            let g = groups.get(&group);
+            let sub = g.and_then(|g| g.consumer.subscription(&topic));
+            (
+                g.map(|g| g.consumer.consume_from_where.init_mode()).unwrap_or(0),
+                sub.map(|s| s.expression_type.clone()).unwrap_or_else(|| "TAG".into()),
+                sub.map(|s| s.sub_string.clone()).unwrap_or_else(|| "*".into()),
+            )
+        };
+        // Long-poll on the broker for as long as the client suspends, less a
+        // margin so the answer beats the client's own RPC timeout.
+        let poll_ms = if sys_flag & 0x2 != 0 { (suspend - 1000).clamp(0, 20_000) } else { 0 };
+        let opaque = self.brokers.opaque();
+        let (ph, pbody) = requests::pop(opaque, &group, &topic, -1, max, self.cfg.invisible.as_millis() as i64, poll_ms, now_ms() as i64, init_mode, &exp_type, &exp);
+        self.metrics.pop("pop");
+        let res = self.brokers.request(st.handle.dst.0, ph, &pbody, Duration::from_millis(poll_ms as u64 + 5000)).await;
+        let (rh, mut body) = match res {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(pod = %st.handle.pod, %group, %topic, error = %e, "POP failed; the client retries its PULL");
+                let (rh, b) = requests::system_busy(h.opaque, &format!("rmq-agent: {e}"));
+                return self.reply(st, rh, &b);
+            }
+        };
+        match rh.code {
+            0 => {}
+            code::PULL_NOT_FOUND | POLLING_TIMEOUT | NO_MESSAGE => {
+                let (rh, b) = requests::pull_not_found(h.opaque, x);
+                return self.reply(st, rh, &b);
+            }
+            POLLING_FULL => {
+                let (rh, b) = requests::system_busy(h.opaque, "rmq-agent: broker polling queue full");
+                return self.reply(st, rh, &b);
+            }
+            c => {
+                warn!(pod = %st.handle.pod, %group, %topic, code = c, remark = rh.remark.as_deref().unwrap_or(""), "broker refused POP");
+                let (rh2, b) = requests::system_busy(h.opaque, &format!("rmq-agent: POP answered {c}"));
+                return self.reply(st, rh2, &b);
+            }
+        }
+        let popped = match receipts_from_pop(&rh, &body, &broker_name, &topic) {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(pod = %st.handle.pod, %group, %topic, error = %e, "cannot parse a POP response; its messages come back after the invisible time");
+                let (rh2, b) = requests::system_busy(h.opaque, "rmq-agent: bad POP response");
+                return self.reply(st, rh2, &b);
+            }
+        };
+        let (msgs, receipts): (Vec<_>, Vec<_>) = popped.into_iter().unzip();
+        // A newer PULL for this queue, or a closed connection, means nobody
+        // will ever see these: release them instead of delivering.
+        if st.closed.load(Ordering::Relaxed) {
+            return self.release(st, &group, receipts);
+        }
+        let n = msgs.len() as i64;
+        let next = match lock(&st.sessions).assign(&key, generation, x, receipts) {
+            Ok(next) => next,
+            Err(stale) => return self.release(st, &group, stale),
+        };
+        for (i, msg) in msgs.iter().enumerate() {
+            // Clients track progress by queue offset; give them offsets that
+            // continue from their own request.
+            let _ = batch::rewrite_queue_offset(&mut body, msg, x + i as i64);
+            let _ = batch::rewrite_queue_id(&mut body, msg, vq);
+        }
+        let rest = rh.ext("restNum").and_then(|v| v.parse::<i64>().ok()).unwrap_or(0);
+        let (fh, fb) = requests::pull_found(h.opaque, next, 0, next + rest, &body);
+        self.metrics.pop_messages(n as u64);
+        self.reply(st, fh, &fb);
+        lock(&st.sessions).mark_delivered(&key, generation);
+    }
+
+    async fn send_back(&self, st: &Arc<ConnState>, h: &Header, frame: Vec<u8>) {
+        let group = h.ext("group").unwrap_or("").to_string();
+        let commit_log = h.ext("offset").and_then(|v| v.parse::<i64>().ok()).unwrap_or(-1);
+        let delay_level = h.ext("delayLevel").and_then(|v| v.parse::<i32>().ok()).unwrap_or(0);
+        let max_reconsume = h.ext("maxReconsumeTimes").and_then(|v| v.parse::<i32>().ok()).unwrap_or(16);
+        let uniq = h.ext("originMsgId").map(str::to_string);
+        let receipt = lock(&st.sessions).nack(&group, commit_log, uniq.as_deref()).map(|(_, r)| r);
+        let Some(r) = receipt else {
+            // Not one of ours (e.g. a message from before a restart): let the broker handle it.
+            return self.forward(st, h, frame).await;
+        };
+        if r.reconsume_times + 1 >= max_reconsume || delay_level < 0 {
+            // Pop revive has no dead-letter queue: move it there like a classic send-back, then ACK.
+            let opaque = self.brokers.opaque();
+            let (dh, db) = requests::send_msg_back_to_dlq(opaque, &group, &r, max_reconsume);
+            let res = self.brokers.request(st.handle.dst.0, dh, &db, Duration::from_secs(5)).await;
+            let code = res.as_ref().map(|(rh, _)| rh.code).unwrap_or(code::SYSTEM_ERROR);
+            if code == 0 {
+                self.metrics.pop("dlq");
+                info!(pod = %st.handle.pod, %group, msg = r.uniq_key.as_deref().unwrap_or(""), "message exceeded its reconsume limit; moved to the dead-letter queue");
+                self.ack(st, &group, vec![r]).await;
+            } else {
+                warn!(pod = %st.handle.pod, %group, code, "moving a message to the dead-letter queue failed; it comes back after the invisible time");
+            }
+            let resp = Header::response(code, h.opaque, None);
+            return self.reply(st, resp, &[]);
+        }
+        let delay = retry_delay(delay_level, r.reconsume_times);
+        self.change_invisible(st, &group, r, delay);
+        let (rh, b) = requests::simple_ok(h.opaque);
+        self.reply(st, rh, &b);
+    }
+
+    /// Relays a taken request to its broker over the agent's connection and
+    /// the answer back to the client.
+    async fn forward(&self, st: &Arc<ConnState>, h: &Header, frame: Vec<u8>) {
+        let Ok((_, body_range)) = decode_frame(&frame, &self.limits) else { return };
+        let mut fh = h.clone();
+        fh.opaque = self.brokers.opaque();
+        match self.brokers.request(st.handle.dst.0, fh, &frame[body_range], Duration::from_secs(10)).await {
+            Ok((mut rh, body)) => {
+                rh.opaque = h.opaque;
+                self.reply(st, rh, &body);
+            }
+            Err(e) => {
+                let (rh, b) = requests::system_busy(h.opaque, &format!("rmq-agent: {e}"));
+                self.reply(st, rh, &b);
+            }
+        }
+    }
+
+    async fn ack(&self, st: &Arc<ConnState>, group: &str, receipts: Vec<Receipt>) {
+        for r in receipts {
+            let opaque = self.brokers.opaque();
+            let (ah, ab) = requests::ack(opaque, group, &r);
+            match self.brokers.request(st.handle.dst.0, ah, &ab, Duration::from_secs(5)).await {
+                Ok((rh, _)) if rh.code == 0 => self.metrics.pop("ack"),
+                Ok((rh, _)) => warn!(%group, code = rh.code, "ACK refused; the message may be delivered again"),
+                Err(e) => warn!(%group, error = %e, "ACK failed; the message may be delivered again"),
+            }
+        }
+    }
+
+    fn release(&self, st: &Arc<ConnState>, group: &str, receipts: Vec<Receipt>) {
+        for r in receipts {
+            self.change_invisible(st, group, r, self.cfg.release);
+        }
+    }
+
+    /// Fire-and-forget CHANGE_INVISIBLETIME (release, retry delay).
+    fn change_invisible(&self, st: &Arc<ConnState>, group: &str, r: Receipt, after: Duration) {
+        let (brokers, addr, group, metrics) = (self.brokers.clone(), st.handle.dst.0, group.to_string(), self.metrics.clone());
+        tokio::spawn(async move {
+            let (ch, cb) = requests::change_invisible(brokers.opaque(), &group, &r, after.as_millis() as i64);
+            match brokers.request(addr, ch, &cb, Duration::from_secs(5)).await {
+                Ok((rh, _)) if rh.code == 0 => metrics.pop("change_invisible"),
+                Ok((rh, _)) => debug!(%group, code = rh.code, "CHANGE_INVISIBLETIME refused (the message revives on its own)"),
+                Err(e) => debug!(%group, error = %e, "CHANGE_INVISIBLETIME failed (the message revives on its own)"),
+            }
+        });
+    }
+
+    async fn renew(&self) {
+        let conns: Vec<Arc<ConnState>> = lock(&self.conns).values().cloned().collect();
+        for st in conns {
+            let due = lock(&st.sessions).due_for_renewal(now_ms() as i64, RENEW_MARGIN_MS);
+            for (key, offset, r) in due {
+                let opaque = self.brokers.opaque();
+                let (ch, cb) = requests::change_invisible(opaque, &key.group, &r, self.cfg.invisible.as_millis() as i64);
+                let res = self.brokers.request(st.handle.dst.0, ch, &cb, Duration::from_secs(5)).await;
+                let new = res.ok().and_then(|(rh, _)| renewed(&r, &rh).ok());
+                let Some(new) = new else {
+                    lock(&st.sessions).renewal_failed(&key, offset, &r);
+                    continue;
+                };
+                self.metrics.pop("renew");
+                // The client may have committed or re-pulled while the renewal was in flight.
+                match lock(&st.sessions).replace(&key, offset, new) {
+                    Renewal::Stored => {}
+                    Renewal::Ack(r) => {
+                        let st = st.clone();
+                        let group = key.group.clone();
+                        if let Some(me) = self.me.upgrade() {
+                            tokio::spawn(async move { me.ack(&st, &group, vec![r]).await });
+                        }
+                    }
+                    Renewal::Release(r) => self.release(&st, &key.group, vec![r]),
+                }
+            }
+        }
+    }
+}
+
+async fn renew_loop(c: std::sync::Weak<Converter>) {
+    loop {
+        tokio::time::sleep(RENEW_EVERY).await;
+        let Some(c) = c.upgrade() else { return };
+        c.renew().await;
+    }
+}
+
+impl Interceptor for Converter {
+    fn client_request(&self, conn: &ConnHandle, h: &Header) -> Verdict {
+        match h.code {
+            code::HEART_BEAT | code::LOCK_BATCH_MQ => Verdict::Inspect,
+            code::PULL_MESSAGE | code::QUERY_CONSUMER_OFFSET | code::UPDATE_CONSUMER_OFFSET | code::GET_CONSUMER_LIST_BY_GROUP => {
+                match h.ext("consumerGroup") {
+                    Some(g) if self.converted(conn, g) => Verdict::Take,
+                    _ => Verdict::Forward,
+                }
+            }
+            code::CONSUMER_SEND_MSG_BACK => match h.ext("group") {
+                Some(g) if self.converted(conn, g) => Verdict::Take,
+                _ => Verdict::Forward,
+            },
+            _ => Verdict::Forward,
+        }
+    }
+
+    fn broker_request(&self, conn: &ConnHandle, h: &Header) -> Verdict {
+        // Membership changes mean nothing when every client owns every queue.
+        match (h.code, h.ext("consumerGroup")) {
+            (code::NOTIFY_CONSUMER_IDS_CHANGED, Some(g)) if self.converted(conn, g) => Verdict::Drop,
+            _ => Verdict::Forward,
+        }
+    }
+
+    fn inspect_response(&self, _conn: &ConnHandle, request_code: i32) -> bool {
+        request_code == code::GET_ROUTEINFO_BY_TOPIC
+    }
+
+    fn taken(&self, conn: &ConnHandle, header: Header, frame: Vec<u8>) {
+        let st = self.state(conn);
+        if let Some(me) = self.me.upgrade() {
+            tokio::spawn(me.handle(st, header, frame));
+        }
+    }
+
+    fn inspected(&self, conn: &ConnHandle, header: Header, frame: Vec<u8>) {
+        let Ok((h, body)) = decode_frame(&frame, &self.limits) else { return };
+        let body = &frame[body];
+        match (h.is_response(), header.code) {
+            (true, 0) => self.on_route(body),
+            (false, code::HEART_BEAT) => self.on_heartbeat(conn, body),
+            (false, code::LOCK_BATCH_MQ) => self.on_lock(body),
+            _ => {}
+        }
+    }
+
+    fn closed(&self, conn: &ConnHandle) {
+        let Some(st) = lock(&self.conns).remove(&conn.id) else { return };
+        st.closed.store(true, Ordering::Relaxed);
+        // The client is gone: everything it held goes back to the others now,
+        // not after the invisible time.
+        let groups: Vec<String> = lock(&st.groups).keys().cloned().collect();
+        for group in groups {
+            let receipts = lock(&st.sessions).take_group(&group);
+            self.release(&st, &group, receipts);
+        }
+    }
+
+    fn pins(&self, conn: &ConnHandle) -> bool {
+        // Receipts live in this process; such a connection drains instead of moving.
+        self.existing(conn).is_some_and(|st| lock(&st.groups).values().any(|g| g.decision == Decision::Convert))
+    }
+}
+
+/// Delay before a nacked message comes back: the broker's delay levels
+/// (1s 5s 10s 30s 1m 2m 3m 4m 5m 6m 7m 8m 9m 10m 20m 30m 1h 2h), level 0
+/// meaning "3 + times already reconsumed", as a classic send-back does.
+fn retry_delay(level: i32, reconsume_times: i32) -> Duration {
+    const LEVELS_S: [u64; 18] = [1, 5, 10, 30, 60, 120, 180, 240, 300, 360, 420, 480, 540, 600, 1200, 1800, 3600, 7200];
+    let level = if level <= 0 { 3 + reconsume_times } else { level };
+    let i = (level.clamp(1, LEVELS_S.len() as i32) - 1) as usize;
+    Duration::from_secs(LEVELS_S[i])
+}
+
+/// Broker addresses and names in a TopicRouteData body (fastjson may leave
+/// numeric map keys unquoted).
+fn route_brokers(body: &[u8]) -> Vec<(SocketAddr, String)> {
+    let text = String::from_utf8_lossy(body);
+    let quoted = quote_numeric_keys(&text);
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(&quoted) else { return Vec::new() };
+    let mut out = Vec::new();
+    for bd in v.get("brokerDatas").and_then(|b| b.as_array()).into_iter().flatten() {
+        let Some(name) = bd.get("brokerName").and_then(|n| n.as_str()) else { continue };
+        for addr in bd.get("brokerAddrs").and_then(|a| a.as_object()).into_iter().flat_map(|m| m.values()) {
+            if let Some(a) = addr.as_str().and_then(|a| a.parse::<SocketAddr>().ok()) {
+                out.push((a, name.to_string()));
+                // Old SDKs use the VIP channel (port - 2) for the same broker.
+                out.push((SocketAddr::new(a.ip(), a.port().saturating_sub(2)), name.to_string()));
+            }
+        }
+    }
+    out
+}
+
+fn quote_numeric_keys(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 16);
+    let b = s.as_bytes();
+    let mut i = 0;
+    let mut in_str = false;
+    while i < b.len() {
+        let c = b[i] as char;
+        if in_str {
+            out.push(c);
+            if c == '\\' && i + 1 < b.len() {
+                out.push(b[i + 1] as char);
+                i += 1;
+            } else if c == '"' {
+                in_str = false;
+            }
+        } else if c == '"' {
+            in_str = true;
+            out.push(c);
+        } else if (c == '{' || c == ',') && i + 1 < b.len() && (b[i + 1].is_ascii_digit() || b[i + 1] == b'-') {
+            let mut j = i + 1;
+            while j < b.len() && (b[j].is_ascii_digit() || b[j] == b'-') {
+                j += 1;
+            }
+            if j < b.len() && b[j] == b':' {
+                out.push(c);
+                out.push('"');
+                out.push_str(&s[i + 1..j]);
+                out.push('"');
+                i = j;
+                continue;
+            }
+            out.push(c);
+        } else {
+            out.push(c);
+        }
+        i += 1;
+    }
+    out
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_names_brokers_with_bare_numeric_keys() {
+        let body = br#"{"brokerDatas":[{"brokerName":"broker-a","brokerAddrs":{0:"10.200.2.2:10911"},"cluster":"c"}],"queueDatas":[]}"#;
+        let got = route_brokers(body);
+        assert!(got.contains(&("10.200.2.2:10911".parse().unwrap(), "broker-a".into())));
+        assert!(got.contains(&("10.200.2.2:10909".parse().unwrap(), "broker-a".into())));
+        let body = br#"{"brokerDatas":[{"brokerName":"b","brokerAddrs":{"0":"[fd00::2]:10911"}}]}"#;
+        assert_eq!(route_brokers(body)[0], ("[fd00::2]:10911".parse().unwrap(), "b".into()));
+    }
+
+    #[test]
+    fn retry_delays_follow_the_broker_levels() {
+        assert_eq!(retry_delay(0, 0), Duration::from_secs(10));
+        assert_eq!(retry_delay(1, 5), Duration::from_secs(1));
+        assert_eq!(retry_delay(99, 0), Duration::from_secs(7200));
+    }
+}
