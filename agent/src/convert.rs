@@ -196,6 +196,7 @@ impl Converter {
                 let (group, topic) = (ext("consumerGroup"), ext("topic"));
                 let (q, c) = (num("queueId").unwrap_or(-1) as i32, num("commitOffset").unwrap_or(-1));
                 let acks = lock(&st.sessions).on_commit(&SessionKey::new(&group, &topic, q), c);
+                debug!(pod = %st.handle.pod, %group, %topic, queue = q, commit = c, acked = acks.len(), "offset commit");
                 self.ack(&st, &group, acks).await;
                 if !h.is_oneway() {
                     let (rh, body) = requests::simple_ok(h.opaque);
@@ -227,6 +228,9 @@ impl Converter {
             let release = s.on_pull(&key, x);
             (release, acks, s.generation(&key).unwrap_or(0))
         };
+        if !release.is_empty() || !acks.is_empty() {
+            debug!(pod = %st.handle.pod, %group, %topic, queue = vq, offset = x, acked = acks.len(), released = release.len(), "PULL commits and re-pull releases");
+        }
         self.ack(st, &group, acks).await;
         self.release(st, &group, release);
 
@@ -293,7 +297,10 @@ impl Converter {
         let n = msgs.len() as i64;
         let next = match lock(&st.sessions).assign(&key, generation, x, receipts) {
             Ok(next) => next,
-            Err(stale) => return self.release(st, &group, stale),
+            Err(stale) => {
+                debug!(pod = %st.handle.pod, %group, %topic, queue = vq, offset = x, released = stale.len(), "POP answered a superseded PULL; releasing");
+                return self.release(st, &group, stale);
+            }
         };
         for (i, msg) in msgs.iter().enumerate() {
             // Clients track progress by queue offset; give them offsets that
@@ -394,14 +401,25 @@ impl Converter {
         let conns: Vec<Arc<ConnState>> = lock(&self.conns).values().cloned().collect();
         for st in conns {
             let due = lock(&st.sessions).due_for_renewal(now_ms() as i64, RENEW_MARGIN_MS);
+            if !due.is_empty() {
+                debug!(pod = %st.handle.pod, due = due.len(), "renewing receipts the client still holds");
+            }
             for (key, offset, r) in due {
                 let opaque = self.brokers.opaque();
                 let (ch, cb) = requests::change_invisible(opaque, &key.group, &r, self.cfg.invisible.as_millis() as i64);
                 let res = self.brokers.request(st.handle.dst.0, ch, &cb, Duration::from_secs(5)).await;
-                let new = res.ok().and_then(|(rh, _)| renewed(&r, &rh).ok());
-                let Some(new) = new else {
-                    lock(&st.sessions).renewal_failed(&key, offset, &r);
-                    continue;
+                let new = match res {
+                    Ok((rh, _)) => renewed(&r, &rh).map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                let new = match new {
+                    Ok(n) => n,
+                    Err(e) => {
+                        warn!(pod = %st.handle.pod, group = %key.group, error = %e, "renewing a receipt failed; the message may be delivered again");
+                        self.metrics.pop("renew_failed");
+                        lock(&st.sessions).renewal_failed(&key, offset, &r);
+                        continue;
+                    }
                 };
                 self.metrics.pop("renew");
                 // The client may have committed or re-pulled while the renewal was in flight.
@@ -426,6 +444,7 @@ async fn renew_loop(c: std::sync::Weak<Converter>) {
         tokio::time::sleep(RENEW_EVERY).await;
         let Some(c) = c.upgrade() else { return };
         c.renew().await;
+        debug!("renewal pass done");
     }
 }
 
