@@ -16,8 +16,7 @@ use nix::unistd::Pid;
 use crate::lab::{wait_for, Lab};
 use crate::telemetry::{AgentLog, LogLine, Metrics};
 
-pub const AGENT_PORT: u16 = 15001;
-pub const ADMIN_PORT: u16 = 15020;
+pub use rmq_common::{ADMIN_PORT, AGENT_PORT};
 
 /// Finds the agent binary built by cargo in the same profile as this test
 /// (`target/<profile>/rmq-agent`, next to `target/<profile>/deps/<test>`), or

@@ -9,8 +9,7 @@ use anyhow::{ensure, Context, Result};
 use crate::lab::{repo_root, Lab, BROKER_V4};
 use crate::netns::check_output;
 
-pub const NAMESRV_PORT: u16 = 9876;
-pub const BROKER_PORT: u16 = 10911;
+pub use rmq_common::{BROKER_PORT, NAMESRV_PORT};
 /// The broker's HA listener (`BROKER_PORT + 1` in start.sh): a live port that is not
 /// one of the captured RocketMQ ports.
 pub const BROKER_HA_PORT: u16 = 10912;

@@ -76,19 +76,19 @@ pub fn pop(
 
 /// ACK_MESSAGE (200051) for one receipt; header topic = the topic it was popped from.
 pub fn ack(opaque: i32, group: &str, receipt: &Receipt) -> (Header, Vec<u8>) {
-    let h = request(
-        ACK_MESSAGE,
-        opaque,
-        vec![
-            ("consumerGroup", group.into()),
-            ("topic", receipt.ack_topic(group)),
-            ("queueId", receipt.queue_id.to_string()),
-            ("extraInfo", receipt.extra_info.clone()),
-            ("offset", receipt.queue_offset.to_string()),
-            ("bname", receipt.broker_name.clone()),
-        ],
-    );
-    (h, Vec::new())
+    (request(ACK_MESSAGE, opaque, receipt_fields(group, receipt)), Vec::new())
+}
+
+/// The fields ACK and CHANGE_MESSAGE_INVISIBLETIME identify a popped message by.
+fn receipt_fields(group: &str, receipt: &Receipt) -> Vec<(&'static str, String)> {
+    vec![
+        ("consumerGroup", group.into()),
+        ("topic", receipt.ack_topic(group)),
+        ("queueId", receipt.queue_id.to_string()),
+        ("extraInfo", receipt.extra_info.clone()),
+        ("offset", receipt.queue_offset.to_string()),
+        ("bname", receipt.broker_name.clone()),
+    ]
 }
 
 /// Whether `receipt` can go into a BATCH_ACK to `broker_name`: same broker, and the broker's
@@ -193,20 +193,9 @@ pub fn batch_ack_with(
 
 /// CHANGE_MESSAGE_INVISIBLETIME (200053): renewal (long) or release/nack (short).
 pub fn change_invisible(opaque: i32, group: &str, receipt: &Receipt, invisible_ms: i64) -> (Header, Vec<u8>) {
-    let h = request(
-        CHANGE_MESSAGE_INVISIBLETIME,
-        opaque,
-        vec![
-            ("consumerGroup", group.into()),
-            ("topic", receipt.ack_topic(group)),
-            ("queueId", receipt.queue_id.to_string()),
-            ("extraInfo", receipt.extra_info.clone()),
-            ("offset", receipt.queue_offset.to_string()),
-            ("invisibleTime", invisible_ms.to_string()),
-            ("bname", receipt.broker_name.clone()),
-        ],
-    );
-    (h, Vec::new())
+    let mut fields = receipt_fields(group, receipt);
+    fields.insert(5, ("invisibleTime", invisible_ms.to_string()));
+    (request(CHANGE_MESSAGE_INVISIBLETIME, opaque, fields), Vec::new())
 }
 
 /// CONSUMER_SEND_MSG_BACK (36) with delayLevel -1: the broker moves the message to `%DLQ%group`
