@@ -73,3 +73,76 @@ fn six_consumers_share_two_queues_only_when_converted() -> Result<()> {
     ensure!(delivered as usize >= MESSAGES, "the agent delivered {delivered} messages through POP, expected at least {MESSAGES}");
     Ok(())
 }
+
+/// One consumer is frozen (SIGSTOP) while it holds messages. The others keep
+/// consuming what is produced afterwards, and receive the frozen consumer's
+/// messages once their invisible time passes (the agent stops renewing the
+/// receipts of a client that has gone silent).
+#[test]
+fn a_frozen_consumer_does_not_stall_the_group() -> Result<()> {
+    use nix::sys::signal::Signal;
+    use std::collections::BTreeSet;
+    use std::time::Instant;
+
+    const INVISIBLE_MS: u64 = 20_000;
+    let lab = Lab::up("frz")?;
+    let peers = Peers::start(&lab)?;
+    let args = vec!["--convert".into(), "all".into(), "--pop-invisible-ms".into(), INVISIBLE_MS.to_string()];
+    let agent = Agent::start(&lab, AgentOptions { extra_args: args, ..Default::default() })?;
+    lab.capture_pod(agent.binary(), None)?;
+    create_topic(&lab.brk(), peers.broker(), "POP_FREEZE", 2)?;
+    let (pod, ns_addr) = (lab.pod(), peers.namesrv());
+    let victim = Consumer::start(Sdk::Python, "victim", &pod, ns_addr, "POP_FREEZE", "g_frz", 120, &[], lab.workdir())?;
+    let others = [
+        Consumer::start(Sdk::Rust, "rs-a", &pod, ns_addr, "POP_FREEZE", "g_frz", 120, &[], lab.workdir())?,
+        Consumer::start(Sdk::Python, "py-b", &pod, ns_addr, "POP_FREEZE", "g_frz", 120, &[], lab.workdir())?,
+    ];
+    std::thread::sleep(Duration::from_secs(12));
+
+    produce(&pod, ns_addr, "POP_FREEZE", 30, "frz1", lab.workdir())?;
+    let held = rmq_e2e::lab::wait_for("the victim to receive messages", Duration::from_secs(30), || {
+        let n = victim.deliveries().len();
+        Ok((n > 0).then_some(n))
+    })?;
+    victim.signal(Signal::SIGSTOP)?;
+    let frozen_at = Instant::now();
+    std::thread::sleep(Duration::from_millis(300));
+    // What the victim processed before it froze is consumed (and committed or not,
+    // it may come back: at-least-once). Everything else must reach the others.
+    let victim_done: BTreeSet<String> = victim.deliveries().into_iter().map(|d| d.body).collect();
+    // The victim's PULLs already in flight when it froze may still be answered
+    // (a hung consumer holds at most those batches until they expire)...
+    produce(&pod, ns_addr, "POP_FREEZE", 30, "frz2", lab.workdir())?;
+    std::thread::sleep(Duration::from_secs(3));
+    // ...but it sends no new ones: what is produced next all goes to the others, promptly.
+    let t3 = Instant::now();
+    produce(&pod, ns_addr, "POP_FREEZE", 30, "frz3", lab.workdir())?;
+    let seen_by_others = || -> BTreeSet<String> { others.iter().flat_map(|c| c.deliveries()).map(|d| d.body).collect() };
+    let third: BTreeSet<String> = (0..30).map(|i| format!("frz3 i={i}")).collect();
+    rmq_e2e::lab::wait_for("the others to consume everything produced once the frozen consumer's polls were spent", Duration::from_secs(15), || {
+        Ok(third.is_subset(&seen_by_others()).then_some(()))
+    })?;
+    let flowing = t3.elapsed();
+    // And whatever the frozen consumer was handed but never processed comes back
+    // to the others once its invisible time passes (its receipts are not renewed).
+    let all: BTreeSet<String> = (0..30).flat_map(|i| [format!("frz1 i={i}"), format!("frz2 i={i}"), format!("frz3 i={i}")]).collect();
+    rmq_e2e::lab::wait_for("every message to be consumed by someone", Duration::from_secs(75), || {
+        let consumed: BTreeSet<String> = seen_by_others().union(&victim_done).cloned().collect();
+        Ok(all.is_subset(&consumed).then_some(()))
+    })?;
+    let recovered = frozen_at.elapsed();
+    victim.signal(Signal::SIGCONT)?;
+    let redelivered: Vec<String> = others
+        .iter()
+        .flat_map(|c| c.deliveries())
+        .filter(|d| d.reconsume > 0 && !victim_done.contains(&d.body))
+        .map(|d| d.body)
+        .collect();
+    println!(
+        "POP REPORT freeze: victim_processed_before_freeze={} (first {held} seen) third_batch_consumed_by_others_in_ms={} \
+         all_consumed_after_freeze_ms={} redelivered_from_victim={} invisible_ms={INVISIBLE_MS}",
+        victim_done.len(), flowing.as_millis(), recovered.as_millis(), redelivered.len()
+    );
+    ensure!(!redelivered.is_empty(), "nothing the frozen consumer held came back redelivered; the scenario did not exercise expiry");
+    Ok(())
+}

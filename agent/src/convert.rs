@@ -8,7 +8,7 @@
 //! that never sent LOCK_BATCH_MQ are converted; everything else is relayed.
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -44,6 +44,10 @@ const POLLING_TIMEOUT: i32 = 210;
 const NO_MESSAGE: i32 = 208;
 /// POP can return at most this many messages.
 const MAX_POP_BATCH: i32 = 32;
+/// A client that sent nothing for this long is treated as hung: its receipts
+/// are left to expire. Live SDKs commit offsets every 5 s and re-issue
+/// long-poll PULLs at least every ~15 s.
+const LIVENESS_MS: u64 = 15_000;
 /// Renew receipts this close to becoming visible again.
 const RENEW_MARGIN_MS: i64 = 10_000;
 const RENEW_EVERY: Duration = Duration::from_secs(5);
@@ -60,6 +64,9 @@ struct ConnState {
     groups: Mutex<HashMap<String, GroupState>>,
     sessions: Mutex<Sessions>,
     closed: AtomicBool,
+    /// When the client last sent anything; receipts of a silent client are
+    /// not renewed, so a hung consumer's messages go to the others.
+    last_request_ms: AtomicU64,
 }
 
 pub struct Converter {
@@ -101,6 +108,7 @@ impl Converter {
                     groups: Default::default(),
                     sessions: Default::default(),
                     closed: AtomicBool::new(false),
+                    last_request_ms: AtomicU64::new(now_ms()),
                 })
             })
             .clone()
@@ -400,6 +408,10 @@ impl Converter {
     async fn renew(&self) {
         let conns: Vec<Arc<ConnState>> = lock(&self.conns).values().cloned().collect();
         for st in conns {
+            let silent_ms = now_ms().saturating_sub(st.last_request_ms.load(Ordering::Relaxed));
+            if silent_ms > LIVENESS_MS {
+                continue;
+            }
             let due = lock(&st.sessions).due_for_renewal(now_ms() as i64, RENEW_MARGIN_MS);
             if !due.is_empty() {
                 debug!(pod = %st.handle.pod, due = due.len(), "renewing receipts the client still holds");
@@ -450,6 +462,9 @@ async fn renew_loop(c: std::sync::Weak<Converter>) {
 
 impl Interceptor for Converter {
     fn client_request(&self, conn: &ConnHandle, h: &Header) -> Verdict {
+        if let Some(st) = self.existing(conn) {
+            st.last_request_ms.store(now_ms(), Ordering::Relaxed);
+        }
         match h.code {
             code::HEART_BEAT | code::LOCK_BATCH_MQ => Verdict::Inspect,
             code::PULL_MESSAGE | code::QUERY_CONSUMER_OFFSET | code::UPDATE_CONSUMER_OFFSET | code::GET_CONSUMER_LIST_BY_GROUP => {
