@@ -71,7 +71,7 @@ pub struct RunArgs {
     #[arg(long, env = "RMQ_AGENT_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
     /// Log one line per relayed request (`on`) or not (`off`).
-    #[arg(long, env = "RMQ_AGENT_ACCESS_LOG", default_value = "on", value_parser = parse_on_off)]
+    #[arg(long, env = "RMQ_AGENT_ACCESS_LOG", default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]
     pub access_log: bool,
     /// Data-plane worker threads (0 = one per CPU).
     #[arg(long, env = "RMQ_AGENT_WORKERS", default_value_t = 0)]
@@ -211,6 +211,13 @@ mod tests {
         std::fs::write(&f, "no-such-key = 1\n").unwrap();
         let e = resolve(&["--config", f.to_str().unwrap()]).unwrap_err();
         assert!(format!("{e:#}").contains("no-such-key"), "{e:#}");
+    }
+
+    #[test]
+    fn access_log_takes_on_or_off() {
+        assert!(resolve(&[]).unwrap().access_log);
+        assert!(!resolve(&["--access-log", "off"]).unwrap().access_log);
+        assert!(resolve(&["--access-log", "maybe"]).is_err());
     }
 
     #[test]
