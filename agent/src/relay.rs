@@ -156,6 +156,8 @@ enum RelayError {
 /// data; idle connections hold no buffer at all.
 const INITIAL_BUF: usize = 16 * 1024;
 const MAX_BUF: usize = 256 * 1024;
+/// Wake-up size while streaming a large body (see SO_RCVLOWAT in `pump`).
+const LOWAT_CHUNK: usize = 128 * 1024;
 /// Unanswered requests tracked per direction; beyond this new ones are not
 /// timed (they are still relayed). Bounds memory against a misbehaving peer.
 const MAX_INFLIGHT: usize = 65_536;
@@ -384,6 +386,7 @@ impl Conn<'_> {
         let mut total = 0u64;
         let mut tail = Tail::Forward;
         let mut migrate = self.ctx.migrate.clone();
+        let mut lowat = 1usize;
         loop {
             let at_boundary = match tail {
                 Tail::Forward | Tail::Inspect { .. } => scanner.body_state().0 == 0,
@@ -408,7 +411,9 @@ impl Conn<'_> {
                 }
                 r = from.readable() => r?,
             }
-            if buf.capacity() < want {
+            if buf.capacity() == 0 {
+                buf = pool::take(want);
+            } else if buf.capacity() < want {
                 buf.reserve(want - buf.len());
             }
             let before = buf.len();
@@ -436,13 +441,22 @@ impl Conn<'_> {
                     if let Some(e) = out.error {
                         return Err(RelayError::Malformed(e));
                     }
+                    // Inside a large body, wake up for big chunks, never for more
+                    // than the sender still owes; back to 1 byte at frame ends.
+                    let body_left = scanner.body_state().0;
+                    let want_lowat = if body_left >= 2 * LOWAT_CHUNK { LOWAT_CHUNK } else { 1 };
+                    if want_lowat != lowat && crate::sys::set_recv_lowat(std::os::fd::AsFd::as_fd(from), want_lowat as i32).is_ok() {
+                        lowat = want_lowat;
+                    }
                     // A header larger than the buffer: make room (the scanner
                     // caps `need` at the header limit).
                     want = want.max(out.need);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // Drained: lend the buffer to the next busy connection on
+                    // this thread instead of holding it while idle.
                     if buf.is_empty() {
-                        buf = Vec::new();
+                        pool::give(std::mem::take(&mut buf));
                     }
                 }
                 Err(e) => return Err(e.into()),
@@ -654,6 +668,41 @@ impl Side {
 /// Unknown codes share one label so a peer cannot blow up metric cardinality.
 fn code_label(code: i32) -> &'static str {
     request_code_name(code).unwrap_or("UNKNOWN")
+}
+
+/// Read buffers lent between connections on one worker thread: an idle
+/// connection holds none, and a busy one does not pay for a fresh (and
+/// page-faulting) allocation every time its socket drains.
+mod pool {
+    use std::cell::RefCell;
+
+    const MAX_POOLED: usize = 16;
+
+    thread_local! {
+        static FREE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+    }
+
+    pub fn take(want: usize) -> Vec<u8> {
+        FREE.with(|f| {
+            let mut f = f.borrow_mut();
+            match f.iter().position(|b| b.capacity() >= want) {
+                Some(i) => f.swap_remove(i),
+                None => Vec::with_capacity(want),
+            }
+        })
+    }
+
+    pub fn give(buf: Vec<u8>) {
+        if buf.capacity() < super::INITIAL_BUF {
+            return;
+        }
+        FREE.with(|f| {
+            let mut f = f.borrow_mut();
+            if f.len() < MAX_POOLED {
+                f.push(buf);
+            }
+        });
+    }
 }
 
 /// What to do with the rest of a frame that continues past the bytes read so far.

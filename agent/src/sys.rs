@@ -85,3 +85,22 @@ pub fn register_owned(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedF
     // as long as it lives, and the AsyncFd owns it for its whole lifetime.
     unsafe { tokio::io::unix::AsyncFd::register(fd) }.map_err(|e| io::Error::other(e.to_string()))
 }
+
+/// SO_RCVLOWAT: wake the reader only once this many bytes are queued.
+pub fn set_recv_lowat(fd: BorrowedFd<'_>, bytes: i32) -> io::Result<()> {
+    // Safety: fd is valid for the borrow; we pass a live c_int and its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            &bytes as *const libc::c_int as *const libc::c_void,
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
