@@ -96,6 +96,14 @@ impl<'lab> Agent<'lab> {
         Ok(())
     }
 
+    /// SIGKILL: the agent dies with everything in flight (restart it with [`Agent::restart`]).
+    pub fn kill(&mut self) -> Result<()> {
+        let mut child = self.child.take().context("no agent is running")?;
+        kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL)?;
+        child.wait()?;
+        Ok(())
+    }
+
     /// Sends SIGTERM and returns at once (the agent drains in the background).
     pub fn terminate(&self) -> Result<()> {
         let child = self.child.as_ref().context("no agent is running")?;

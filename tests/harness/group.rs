@@ -120,19 +120,29 @@ impl Drop for Consumer {
     }
 }
 
-/// Runs the producer driver; bodies are `<prefix> i=<i>`.
+/// Runs the producer driver; bodies are `<prefix> i=<i>`. Fails unless every send succeeded.
 pub fn produce(ns: &Netns, namesrv: SocketAddr, topic: &str, n: usize, prefix: &str, workdir: &Path) -> Result<()> {
+    let (sent, failed) = produce_counting(ns, namesrv, topic, n, prefix, 0.0, workdir)?;
+    if failed > 0 {
+        bail!("{failed} of {n} sends failed ({} acknowledged)", sent.len());
+    }
+    Ok(())
+}
+
+/// Like [`produce`], pacing sends `interval` seconds apart and tolerating failed sends:
+/// returns the bodies the broker acknowledged and the number of failures.
+pub fn produce_counting(ns: &Netns, namesrv: SocketAddr, topic: &str, n: usize, prefix: &str, interval: f64, workdir: &Path) -> Result<(BTreeSet<String>, usize)> {
     let out = ns
         .command(require_installed("venv/bin/python")?)
         .arg(repo_root().join("tests/peers/clients/py_producer.py"))
-        .args([&namesrv.to_string(), "--topic", topic, "-n", &n.to_string(), "--prefix", prefix])
+        .args([&namesrv.to_string(), "--topic", topic, "-n", &n.to_string(), "--prefix", prefix, "--interval", &interval.to_string()])
         .env("HOME", workdir)
         .output()?;
     let text = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        bail!("producer failed: {text}\n{}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(())
+    let sent: BTreeSet<String> = text.lines().filter_map(|l| l.strip_prefix("SENT_OK ")).map(str::to_string).collect();
+    let failed = text.lines().find_map(|l| l.strip_prefix("SENT ")).and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("failed="))).and_then(|v| v.parse().ok());
+    let failed = failed.with_context(|| format!("producer printed no summary: {text}\n{}", String::from_utf8_lossy(&out.stderr)))?;
+    Ok((sent, failed))
 }
 
 /// Creates `topic` with `queues` read/write queues on the broker (from its own netns).

@@ -3,7 +3,8 @@
 
   py_producer.py NAMESRV --topic T -n N --prefix P [--interval S]
 
-Prints 'SENT ok=<n> failed=<f>'; exits 0 iff every send succeeded.
+Prints 'SENT_OK <body>' per acknowledged send, then 'SENT ok=<n> failed=<f>';
+exits 0 iff every send succeeded.
 """
 import argparse
 import os
@@ -29,11 +30,13 @@ def main():
         m = Message(a.topic)
         m.set_keys("k%d" % i)
         m.set_tags("TagA")
-        m.set_body("%s i=%d" % (a.prefix, i))
+        body = "%s i=%d" % (a.prefix, i)
+        m.set_body(body)
         try:
             r = p.send_sync(m)
             if int(r.status) == 0:
                 ok += 1
+                print("SENT_OK %s" % body, flush=True)
             else:
                 failed += 1
         except Exception as e:
