@@ -193,3 +193,56 @@ fn agent_killed_mid_stream_loses_nothing() -> Result<()> {
     ensure!(sent.len() >= 60, "only {} of 80 sends succeeded; the run says little", sent.len());
     Ok(())
 }
+
+/// A consumer answers RECONSUME_LATER for one message. In a converted group the
+/// SDK's send-back becomes CHANGE_INVISIBLETIME: the message comes back with
+/// reconsumeTimes + 1, and at the reconsume limit the agent moves it to
+/// `%DLQ%<group>` (pop revive has no DLQ of its own). Other messages flow on.
+#[test]
+fn reconsume_later_retries_then_dead_letters() -> Result<()> {
+    use rmq_e2e::frames::RemotingConn;
+    use std::net::TcpStream;
+
+    let lab = Lab::up("dlq")?;
+    let peers = Peers::start(&lab)?;
+    let args = ["--convert", "all", "--pop-invisible-ms", "20000", "--pop-max-reconsume", "3", "--pop-retry-delay-ms", "2000"];
+    let agent = Agent::start(&lab, AgentOptions { extra_args: args.iter().map(|s| s.to_string()).collect(), ..Default::default() })?;
+    lab.capture_pod(agent.binary(), None)?;
+    create_topic(&lab.brk(), peers.broker(), "POP_DLQ", 2)?;
+    let (pod, ns_addr) = (lab.pod(), peers.namesrv());
+    let c = Consumer::start(Sdk::Python, "picky", &pod, ns_addr, "POP_DLQ", "g_dlq", 70, &["--reconsume-later", "dlq i=3"], lab.workdir())?;
+    std::thread::sleep(Duration::from_secs(12));
+    produce(&pod, ns_addr, "POP_DLQ", 6, "dlq", lab.workdir())?;
+
+    // The poison message is delivered with reconsume 0, 1, 2, then dead-lettered.
+    let tries = rmq_e2e::lab::wait_for("the poison message to be retried up to the limit", Duration::from_secs(40), || {
+        let r: Vec<u32> = c.deliveries().into_iter().filter(|d| d.body == "dlq i=3").map(|d| d.reconsume).collect();
+        Ok((r.len() >= 3).then_some(r))
+    })?;
+    ensure!(tries[..3] == [0, 1, 2], "reconsume counts of the poison message: {tries:?}");
+
+    let dlq: Vec<String> = rmq_e2e::lab::wait_for("the poison message in %DLQ%g_dlq", Duration::from_secs(20), || {
+        let msgs = lab.pod().run(move || -> Result<_> {
+            let mut conn = RemotingConn::new(TcpStream::connect_timeout(&peers_broker(), Duration::from_secs(2))?)?;
+            conn.pull_all("%DLQ%g_dlq", "dlq_reader", 1)
+        });
+        let bodies: Vec<String> = msgs.ok().unwrap_or_default().into_iter().map(|m| String::from_utf8_lossy(&m.body).into_owned()).collect();
+        Ok(bodies.iter().any(|b| b == "dlq i=3").then_some(bodies))
+    })?;
+    std::thread::sleep(Duration::from_secs(8));
+    let consumed: Vec<String> = c.deliveries().into_iter().map(|d| d.body).collect();
+    let poison = consumed.iter().filter(|b| *b == "dlq i=3").count();
+    println!("POP REPORT dlq: poison_deliveries={poison} reconsume_counts={tries:?} dlq={dlq:?} consumed={consumed:?}");
+    ensure!(poison == 3, "after dead-lettering, the poison message must not come back (delivered {poison} times)");
+    // The cpp SDK sends its whole consume batch back when one message fails, so a
+    // neighbour may share the poison message's fate: consumed or dead-lettered, never lost.
+    for i in 0..6 {
+        let b = format!("dlq i={i}");
+        ensure!(consumed.contains(&b) || dlq.contains(&b), "{b} was neither consumed nor dead-lettered");
+    }
+    Ok(())
+}
+
+fn peers_broker() -> std::net::SocketAddr {
+    std::net::SocketAddr::new(rmq_e2e::lab::BROKER_V4.into(), rmq_e2e::peers::BROKER_PORT)
+}

@@ -64,6 +64,12 @@ pub struct RunArgs {
     /// Invisible time for messages the agent releases (never delivered, or the client left).
     #[arg(long, env = "RMQ_AGENT_POP_RELEASE_MS", default_value_t = 1_000)]
     pub pop_release_ms: u64,
+    /// Redeliveries of a converted group's message before it goes to %DLQ% (0 = what the SDK asks, default 16).
+    #[arg(long, env = "RMQ_AGENT_POP_MAX_RECONSUME", default_value_t = 0)]
+    pub pop_max_reconsume: i32,
+    /// Fixed delay before a sent-back message comes again (0 = the broker's delay levels).
+    #[arg(long, env = "RMQ_AGENT_POP_RETRY_DELAY_MS", default_value_t = 0)]
+    pub pop_retry_delay_ms: u64,
     /// Name servers whose reachability gates /readyz (empty: ready once listening).
     #[arg(long, env = "RMQ_AGENT_READY_NAMESRV", value_delimiter = ',')]
     #[serde(default)]
@@ -169,6 +175,8 @@ impl RunArgs {
                 policy: self.convert.parse().map_err(|e| anyhow::anyhow!("--convert {:?}: {e}", self.convert))?,
                 invisible: Duration::from_millis(self.pop_invisible_ms),
                 release: Duration::from_millis(self.pop_release_ms),
+                max_reconsume: (self.pop_max_reconsume > 0).then_some(self.pop_max_reconsume),
+                retry_delay: (self.pop_retry_delay_ms > 0).then(|| Duration::from_millis(self.pop_retry_delay_ms)),
             },
             ready_namesrv: self.ready_namesrv,
             log_format: self.log_format,

@@ -36,6 +36,11 @@ pub struct ConvertConfig {
     /// Invisible time given to messages the agent releases (never delivered,
     /// or their client is gone), so they come back almost at once.
     pub release: Duration,
+    /// Redeliveries before the dead-letter queue; None = what the SDK asks (default 16).
+    pub max_reconsume: Option<i32>,
+    /// Fixed delay before a message the client sent back comes again; None = the
+    /// broker's delay levels.
+    pub retry_delay: Option<Duration>,
 }
 
 /// Response codes of POP that mean "nothing to deliver now".
@@ -327,7 +332,9 @@ impl Converter {
         let group = h.ext("group").unwrap_or("").to_string();
         let commit_log = h.ext("offset").and_then(|v| v.parse::<i64>().ok()).unwrap_or(-1);
         let delay_level = h.ext("delayLevel").and_then(|v| v.parse::<i32>().ok()).unwrap_or(0);
-        let max_reconsume = h.ext("maxReconsumeTimes").and_then(|v| v.parse::<i32>().ok()).unwrap_or(16);
+        // SDKs send -1 for "the group's default", which is 16.
+        let asked = h.ext("maxReconsumeTimes").and_then(|v| v.parse::<i32>().ok()).filter(|&m| m > 0).unwrap_or(16);
+        let max_reconsume = self.cfg.max_reconsume.unwrap_or(asked);
         let uniq = h.ext("originMsgId").map(str::to_string);
         let receipt = lock(&st.sessions).nack(&group, commit_log, uniq.as_deref()).map(|(_, r)| r);
         let Some(r) = receipt else {
@@ -350,7 +357,8 @@ impl Converter {
             let resp = Header::response(code, h.opaque, None);
             return self.reply(st, resp, &[]);
         }
-        let delay = retry_delay(delay_level, r.reconsume_times);
+        let delay = self.cfg.retry_delay.unwrap_or_else(|| retry_delay(delay_level, r.reconsume_times));
+        debug!(pod = %st.handle.pod, %group, reconsume = r.reconsume_times, delay_ms = delay.as_millis() as u64, "client sent a message back; it comes again after the delay");
         self.change_invisible(st, &group, r, delay);
         let (rh, b) = requests::simple_ok(h.opaque);
         self.reply(st, rh, &b);
