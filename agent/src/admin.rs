@@ -145,7 +145,11 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, state: Arc<AdminStat
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let text = "text/plain; charset=utf-8";
     let (status, ctype, body) = match (path, privileged) {
-        ("/metrics", _) => ("200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", state.metrics.encode()),
+        ("/metrics", _) => {
+            // Refreshes the Pop gauges (pending receipts) before they are read.
+            let _ = state.converted.get().map(|f| f());
+            ("200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", state.metrics.encode())
+        }
         ("/healthz", _) => ("200 OK", text, "ok\n".to_string()),
         ("/readyz", _) if state.ready() => ("200 OK", text, "ready\n".to_string()),
         ("/readyz", _) => ("503 Service Unavailable", text, readiness_detail(&state)),
