@@ -11,6 +11,7 @@
 //! an echo of the body for small requests, an empty body for code 9001
 //! ("sink"), so bulk throughput is one-directional but still request/response.
 //! Plain threads keep the load generator cheap and its timing honest.
+//! Output of the client subcommands is one JSON object per line (read by the script).
 use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -40,11 +41,16 @@ fn frame(code: i32, opaque: i32, flag: i32, body: &[u8]) -> Vec<u8> {
 fn read_frame(r: &mut impl Read, scratch: &mut Vec<u8>) -> std::io::Result<(i32, i32, usize)> {
     let mut pre = [0u8; 8];
     r.read_exact(&mut pre)?;
-    let len = i32::from_be_bytes(pre[0..4].try_into().unwrap()) as usize;
+    let len = u32::from_be_bytes(pre[0..4].try_into().unwrap()) as usize;
+    if len > 64 << 20 {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "frame longer than 64 MiB"));
+    }
     let hlen = (u32::from_be_bytes(pre[4..8].try_into().unwrap()) & 0xFF_FFFF) as usize;
     let mut h = vec![0u8; hlen];
     r.read_exact(&mut h)?;
-    let body_len = len - 4 - hlen;
+    let body_len = len
+        .checked_sub(4 + hlen)
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "frame shorter than its header"))?;
     scratch.resize(body_len, 0);
     r.read_exact(scratch)?;
     let text = String::from_utf8_lossy(&h);
@@ -54,13 +60,28 @@ fn read_frame(r: &mut impl Read, scratch: &mut Vec<u8>) -> std::io::Result<(i32,
     Ok((num("code"), num("opaque"), body_len))
 }
 
+/// Connects with a timeout: a captured port with no proxy listening drops the SYN
+/// (TPROXY blackhole), and the benchmark should say so instead of hanging.
+fn connect(to: SocketAddr) -> Result<TcpStream> {
+    let s = TcpStream::connect_timeout(&to, Duration::from_secs(3)).with_context(|| format!("connect {to}"))?;
+    s.set_nodelay(true)?;
+    Ok(s)
+}
+
 fn peer(addrs: Vec<SocketAddr>) -> Result<()> {
+    raise_nofile(u64::MAX);
     let mut handles = Vec::new();
     for a in addrs {
         let l = TcpListener::bind(a).with_context(|| format!("bind {a}"))?;
         handles.push(std::thread::spawn(move || {
-            for s in l.incoming().flatten() {
-                std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(s) = s else {
+                    // EMFILE and friends: back off instead of spinning.
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                // Small stacks: the idle test holds ~1,000 connections per path.
+                let spawned = std::thread::Builder::new().stack_size(256 * 1024).spawn(move || {
                     let _ = s.set_nodelay(true);
                     let mut w = s.try_clone().expect("clone");
                     let mut r = BufReader::with_capacity(256 * 1024, s);
@@ -72,6 +93,9 @@ fn peer(addrs: Vec<SocketAddr>) -> Result<()> {
                         }
                     }
                 });
+                if spawned.is_err() {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
             }
         }));
     }
@@ -83,8 +107,8 @@ fn peer(addrs: Vec<SocketAddr>) -> Result<()> {
 }
 
 fn throughput(to: SocketAddr, frame_bytes: usize, seconds: f64, rate_mbps: Option<f64>) -> Result<()> {
-    let s = TcpStream::connect(to).with_context(|| format!("connect {to}"))?;
-    s.set_nodelay(true)?;
+    let cpu0 = self_cpu_secs();
+    let s = connect(to)?;
     let mut w = s.try_clone()?;
     let done = Arc::new(AtomicBool::new(false));
     let acked = Arc::new(AtomicU64::new(0));
@@ -93,7 +117,7 @@ fn throughput(to: SocketAddr, frame_bytes: usize, seconds: f64, rate_mbps: Optio
         let mut r = BufReader::new(s);
         std::thread::spawn(move || {
             let mut scratch = Vec::new();
-            while let Ok(_) = read_frame(&mut r, &mut scratch) {
+            while read_frame(&mut r, &mut scratch).is_ok() {
                 acked.fetch_add(1, Ordering::Relaxed);
                 if done.load(Ordering::Relaxed) {
                     break;
@@ -128,13 +152,14 @@ fn throughput(to: SocketAddr, frame_bytes: usize, seconds: f64, rate_mbps: Optio
     let _ = reader.join();
     let n = acked.load(Ordering::Relaxed);
     let gbps = (n * f.len() as u64) as f64 * 8.0 / elapsed / 1e9;
-    println!("{{\"gbps\":{gbps:.3},\"frames\":{n},\"frame_bytes\":{},\"seconds\":{elapsed:.2}}}", f.len());
+    // Own CPU (both threads), so the script can put the sender's cost next to the proxy's.
+    let cpu = self_cpu_secs() - cpu0;
+    println!("{{\"gbps\":{gbps:.3},\"frames\":{n},\"frame_bytes\":{},\"seconds\":{elapsed:.3},\"cpu_s\":{cpu:.4}}}", f.len());
     Ok(())
 }
 
 fn latency(to: SocketAddr, count: usize) -> Result<()> {
-    let mut s = TcpStream::connect(to).with_context(|| format!("connect {to}"))?;
-    s.set_nodelay(true)?;
+    let mut s = connect(to)?;
     let mut r = BufReader::new(s.try_clone()?);
     let body = [b'p'; 64];
     let mut scratch = Vec::new();
@@ -153,7 +178,8 @@ fn latency(to: SocketAddr, count: usize) -> Result<()> {
     }
     samples.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let pct = |p: f64| samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)];
-    println!("{{\"p50_us\":{:.1},\"p99_us\":{:.1},\"count\":{count}}}", pct(0.50), pct(0.99));
+    let mean = samples.iter().sum::<f64>() / samples.len() as f64;
+    println!("{{\"p50_us\":{:.1},\"p99_us\":{:.1},\"mean_us\":{mean:.1},\"count\":{count}}}", pct(0.50), pct(0.99));
     Ok(())
 }
 
@@ -162,7 +188,7 @@ fn idle(to: SocketAddr, conns: usize, hold: f64) -> Result<()> {
     let mut held = Vec::with_capacity(conns);
     let mut scratch = Vec::new();
     for i in 0..conns {
-        let mut s = TcpStream::connect(to).with_context(|| format!("connect {to} ({i} open)"))?;
+        let mut s = connect(to).with_context(|| format!("{i} connections open"))?;
         // One round trip per connection, so a proxy has built its upstream.
         s.write_all(&frame(ECHO, 1, 0, b"hi"))?;
         read_frame(&mut s, &mut scratch)?;
@@ -170,15 +196,32 @@ fn idle(to: SocketAddr, conns: usize, hold: f64) -> Result<()> {
     }
     println!("idle ready {conns}");
     std::io::stdout().flush()?;
+    // Hold until the script has read the proxy's RSS and sends SIGTERM, or
+    // until --hold-secs, whichever comes first; exiting closes every socket.
     std::thread::sleep(Duration::from_secs_f64(hold));
     Ok(())
 }
 
+/// User + system CPU seconds of this process so far (all threads).
+fn self_cpu_secs() -> f64 {
+    // Safety: getrusage only writes the struct we pass.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// Raises the soft RLIMIT_NOFILE to `n` (capped by the hard limit, never lowered).
 fn raise_nofile(n: u64) {
-    let lim = libc::rlimit { rlim_cur: n, rlim_max: n };
-    // Safety: setrlimit only reads the struct we pass. Best effort: with a low
-    // hard limit, connects fail later with a clear error.
-    let _ = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // Safety: getrlimit/setrlimit only read or write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 || lim.rlim_cur >= n {
+            return;
+        }
+        lim.rlim_cur = n.min(lim.rlim_max);
+        let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+    }
 }
 
 fn main() -> Result<()> {
