@@ -14,6 +14,7 @@ At the end it prints 'CONSUMER id=<NAME> received=<N>'.
 import argparse
 import os
 import sys
+import threading
 import time
 
 from rocketmq.client import PushConsumer, RecvMessage, _CConsumeStatus, _to_bytes, dll, ffi_check
@@ -29,12 +30,18 @@ def main():
     a = ap.parse_args()
 
     received = [0]
+    # The SDK calls back from several threads; print() writes text and newline
+    # separately, so lines would interleave. One write per line, under a lock.
+    out = threading.Lock()
 
     def on_message(_consumer, msg):
         m = RecvMessage(msg)
         body = m.body.decode("utf-8", "replace") if isinstance(m.body, bytes) else str(m.body)
-        received[0] += 1
-        print("RECV id=%s reconsume=%d queue=%d body=%s" % (a.id, m.reconsume_times, m.queue_id, body), flush=True)
+        line = "RECV id=%s reconsume=%d queue=%d body=%s\n" % (a.id, m.reconsume_times, m.queue_id, body)
+        with out:
+            received[0] += 1
+            sys.stdout.write(line)
+            sys.stdout.flush()
         # The binding turns a raised exception into CONSUME_SUCCESS, so answer directly.
         if a.reconsume_later and a.reconsume_later in body:
             return _CConsumeStatus.RECONSUME_LATER.value
