@@ -10,21 +10,22 @@
 #  PREFIX-brk  eth0 10.200.2.2/24 + 10.200.2.3/32 (no listener: a "down" broker)         │ (forwarding,
 #              fd00:200:2::2/64   ─veth─ brk0 10.200.2.1 fd00:200:2::1                    ┘  kube-proxy-like
 #                                                                                           INVALID drop)
+#  PREFIX-cni  only lo: a fresh pod sandbox for the CNI tests to wire with real plugins
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 "$HERE/lab-guard"
 CMD=${1:?usage: lab.sh up|down [PREFIX]}
 P=${2:-rmq}
-NODE=$P-node POD=$P-pod POD2=$P-pod2 BRK=$P-brk
+NODE=$P-node POD=$P-pod POD2=$P-pod2 BRK=$P-brk CNIPOD=$P-cni
 nsx() { ip netns exec "$@"; }
 
 down() {
-  for ns in "$POD" "$POD2" "$BRK" "$NODE"; do
+  for ns in "$CNIPOD" "$POD" "$POD2" "$BRK" "$NODE"; do
     [ -e "/run/netns/$ns" ] || continue
     for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -TERM "$pid" 2>/dev/null || true; done
   done
   sleep 0.3
-  for ns in "$POD" "$POD2" "$BRK" "$NODE"; do
+  for ns in "$CNIPOD" "$POD" "$POD2" "$BRK" "$NODE"; do
     [ -e "/run/netns/$ns" ] || continue
     for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$pid" 2>/dev/null || true; done
     ip netns del "$ns" 2>/dev/null || true
@@ -56,6 +57,9 @@ up() {
   link_pod "$BRK" brk0 2
   nsx "$BRK" ip addr add 10.200.2.3/32 dev eth0
   nsx "$NODE" ip route add 10.200.2.3/32 via 10.200.2.2
+  # An empty pod sandbox, wired up by CNI plugins in the CNI tests (as a runtime would).
+  ip netns add "$CNIPOD"
+  nsx "$CNIPOD" ip link set lo up
   # A fresh netns has no conntrack until a rule needs it; nodes with kube-proxy
   # drop INVALID packets, so the lab does too (proves the relay keeps state sane).
   for t in iptables ip6tables; do

@@ -9,7 +9,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use rmq_e2e::agent::{agent_binary, Agent, AgentOptions};
+use rmq_e2e::agent::{Agent, AgentOptions};
 use rmq_e2e::frames::RemotingConn;
 use rmq_e2e::lab::{Lab, POD_V4};
 use rmq_e2e::netns::Netns;
@@ -21,7 +21,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 fn captured_traffic_is_blocked_while_agent_is_down() -> Result<()> {
     let lab = Lab::up("down")?;
     let peers = Peers::start(&lab)?;
-    lab.capture_pod(&agent_binary()?, None)?;
+    lab.capture_pod(None)?;
     let syn_counter = SynCounter::install(&lab.brk(), peers.namesrv().port())?;
     let namesrv = peers.namesrv();
 

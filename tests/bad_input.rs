@@ -30,7 +30,7 @@ fn malformed_frames_close_only_their_connection() -> Result<()> {
     let lab = Lab::up("bad")?;
     let peers = Peers::start(&lab)?;
     let agent = Agent::start(&lab, AgentOptions::default())?;
-    lab.capture_pod(agent.binary(), None)?;
+    lab.capture_pod(None)?;
     let (namesrv, broker) = (peers.namesrv(), peers.broker());
 
     // A healthy connection that must keep working through all of it.
@@ -86,7 +86,7 @@ fn unknown_request_code_is_relayed_untouched() -> Result<()> {
     let lab = Lab::up("unk")?;
     let peers = Peers::start(&lab)?;
     let agent = Agent::start(&lab, AgentOptions::default())?;
-    lab.capture_pod(agent.binary(), None)?;
+    lab.capture_pod(None)?;
     let broker = peers.broker();
 
     let mut c = RemotingConn::new(lab.pod().run(|| TcpStream::connect(broker))?)?;
@@ -116,7 +116,7 @@ fn broker_down_resets_the_client_promptly() -> Result<()> {
     let lab = Lab::up("bdn")?;
     let _peers = Peers::start(&lab)?;
     let agent = Agent::start(&lab, AgentOptions::default())?;
-    lab.capture_pod(agent.binary(), None)?;
+    lab.capture_pod(None)?;
     let down = SocketAddr::new(IpAddr::V4(DOWN_BROKER_V4), BROKER_PORT);
 
     let failed_before = agent.metrics()?.get("rmq_agent_connections_total", &[("result", "upstream_failed")]);
@@ -145,7 +145,7 @@ fn agent_is_not_an_open_relay() -> Result<()> {
     let agent = Agent::start(&lab, AgentOptions::default())?;
     // Capture one extra port (the broker's HA port) to the agent as well: it is not a
     // RocketMQ client port, so the agent must refuse it rather than relay it.
-    lab.capture_pod(agent.binary(), Some(&format!("9876,10911,10909,{BROKER_HA_PORT}")))?;
+    lab.capture_pod(Some(&format!("9876,10911,10909,{BROKER_HA_PORT}")))?;
     let ha = SocketAddr::new(peers.broker().ip(), BROKER_HA_PORT);
 
     let refused_port = || -> Result<f64> { Ok(agent.metrics()?.get("rmq_agent_connections_total", &[("result", "refused_port")])) };

@@ -32,7 +32,7 @@ fn sdks_through_agent(prefix: &str, spoof_source: bool) -> Result<()> {
     let lab = Lab::up(prefix)?;
     let peers = Peers::start(&lab)?;
     let agent = Agent::start(&lab, AgentOptions { spoof_source, ..Default::default() })?;
-    lab.capture_pod(agent.binary(), None)?;
+    lab.capture_pod(None)?;
     let pod = IpAddr::V4(POD_V4);
     let (namesrv, broker) = (peers.namesrv(), peers.broker());
 

@@ -24,7 +24,7 @@ fn sigterm_sends_go_away_only_to_clients_that_understand_it() -> Result<()> {
     let lab = Lab::up("drn")?;
     let peers = Peers::start(&lab)?;
     let mut agent = Agent::start(&lab, AgentOptions { extra_args: vec!["--drain-timeout-ms".into(), "20000".into()], ..Default::default() })?;
-    lab.capture_pod(agent.binary(), None)?;
+    lab.capture_pod(None)?;
     let namesrv = peers.namesrv();
     let connect = |version| -> Result<RemotingConn> {
         Ok(RemotingConn::new(TcpStream::connect_timeout(&namesrv, Duration::from_secs(2))?)?.with_version(version))

@@ -23,7 +23,7 @@ fn pod_reaches_ipv6_name_server_and_broker_through_agent() -> Result<()> {
     let lab = Lab::up("v6")?;
     let peers = Peers::start_on(&lab, IpAddr::V6(BROKER_V6))?;
     let agent = Agent::start(&lab, AgentOptions::default())?;
-    lab.capture_pod(agent.binary(), None)?;
+    lab.capture_pod(None)?;
     let (namesrv, broker) = (peers.namesrv(), peers.broker());
     let pod = IpAddr::V6(POD_V6);
     let topic = "E2E_V6";

@@ -43,7 +43,7 @@ fn six_consumers_share_two_queues_only_when_converted() -> Result<()> {
     let peers = Peers::start(&lab)?;
 
     let mut agent = Agent::start(&lab, AgentOptions::default())?;
-    lab.capture_pod(agent.binary(), None)?;
+    lab.capture_pod(None)?;
     let plain = run_group(&lab, &peers, "POP_PLAIN", "g_plain", "plain")?;
     agent.stop()?;
 
@@ -88,8 +88,8 @@ fn a_frozen_consumer_does_not_stall_the_group() -> Result<()> {
     let lab = Lab::up("frz")?;
     let peers = Peers::start(&lab)?;
     let args = vec!["--convert".into(), "all".into(), "--pop-invisible-ms".into(), INVISIBLE_MS.to_string()];
-    let agent = Agent::start(&lab, AgentOptions { extra_args: args, ..Default::default() })?;
-    lab.capture_pod(agent.binary(), None)?;
+    let _agent = Agent::start(&lab, AgentOptions { extra_args: args, ..Default::default() })?;
+    lab.capture_pod(None)?;
     create_topic(&lab.brk(), peers.broker(), "POP_FREEZE", 2)?;
     let (pod, ns_addr) = (lab.pod(), peers.namesrv());
     let victim = Consumer::start(Sdk::Python, "victim", &pod, ns_addr, "POP_FREEZE", "g_frz", 120, &[], lab.workdir())?;
@@ -154,7 +154,7 @@ fn agent_killed_mid_stream_loses_nothing() -> Result<()> {
     let peers = Peers::start(&lab)?;
     let args = vec!["--convert".into(), "all".into(), "--pop-invisible-ms".into(), "20000".into()];
     let mut agent = Agent::start(&lab, AgentOptions { extra_args: args, ..Default::default() })?;
-    lab.capture_pod(agent.binary(), None)?;
+    lab.capture_pod(None)?;
     create_topic(&lab.brk(), peers.broker(), "POP_KILL", 2)?;
     let (pod, ns_addr) = (lab.pod(), peers.namesrv());
     let consumers = [
@@ -200,8 +200,8 @@ fn reconsume_later_retries_then_dead_letters() -> Result<()> {
     let lab = Lab::up("dlq")?;
     let peers = Peers::start(&lab)?;
     let args = ["--convert", "all", "--pop-invisible-ms", "20000", "--pop-max-reconsume", "3", "--pop-retry-delay-ms", "2000"];
-    let agent = Agent::start(&lab, AgentOptions { extra_args: args.iter().map(|s| s.to_string()).collect(), ..Default::default() })?;
-    lab.capture_pod(agent.binary(), None)?;
+    let _agent = Agent::start(&lab, AgentOptions { extra_args: args.iter().map(|s| s.to_string()).collect(), ..Default::default() })?;
+    lab.capture_pod(None)?;
     create_topic(&lab.brk(), peers.broker(), "POP_DLQ", 2)?;
     let (pod, ns_addr) = (lab.pod(), peers.namesrv());
     let c = Consumer::start(Sdk::Python, "picky", &pod, ns_addr, "POP_DLQ", "g_dlq", 70, &["--reconsume-later", "dlq i=3"], lab.workdir())?;

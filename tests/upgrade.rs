@@ -25,7 +25,7 @@ fn five_upgrades_under_load_lose_nothing() -> Result<()> {
     let lab = Lab::up("upg")?;
     let peers = Peers::start(&lab)?;
     let mut agent = Agent::start(&lab, AgentOptions::default())?;
-    lab.capture_pod(agent.binary(), None)?;
+    lab.capture_pod(None)?;
     let (pod, namesrv) = (lab.pod(), peers.namesrv());
     let opts = SdkOptions { send_interval_s: Some(0.1), timeout_s: 90, ..SdkOptions::push("E2E_UPGRADE", 150) };
     let stop = AtomicBool::new(false);

@@ -22,10 +22,16 @@ pub use rmq_common::{ADMIN_PORT, AGENT_PORT};
 /// (`target/<profile>/rmq-agent`, next to `target/<profile>/deps/<test>`), or
 /// `$RMQ_AGENT_BIN`.
 pub fn agent_binary() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("RMQ_AGENT_BIN") {
+    workspace_binary("rmq-agent", "RMQ_AGENT_BIN")
+}
+
+/// A workspace binary: `$<env_var>` if set, else `target/<profile>/<name>` of the
+/// profile this test was built in.
+pub fn workspace_binary(name: &str, env_var: &str) -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os(env_var) {
         let p = PathBuf::from(p);
         if !p.is_file() {
-            bail!("RMQ_AGENT_BIN={} does not exist", p.display());
+            bail!("{env_var}={} does not exist", p.display());
         }
         return Ok(p);
     }
@@ -34,11 +40,11 @@ pub fn agent_binary() -> Result<PathBuf> {
         .parent()
         .and_then(Path::parent)
         .context("the test executable is not in target/<profile>/deps")?;
-    let bin = profile_dir.join("rmq-agent");
+    let bin = profile_dir.join(name);
     if !bin.is_file() {
         bail!(
-            "the agent binary {} is missing: build it first with `cargo build -p rmq-agent` \
-             (same profile as the tests; add --release for release tests), or set RMQ_AGENT_BIN",
+            "{} is missing: build it first with `cargo build -p {name}` (same profile as the \
+             tests; add --release for release tests), or set {env_var}",
             bin.display()
         );
     }

@@ -6,6 +6,7 @@
 //!  <p>-brk  eth0 10.200.2.2 (+10.200.2.3/32, no listener) fd00:200:2::2   │
 //!                                          ─ brk0 10.200.2.1 fd00:200:2::1 ┘
 //! ```
+//! `<p>-cni` is an empty pod sandbox that the CNI tests wire up with real plugins.
 //! `Lab::up` builds it; dropping the `Lab` runs `lab.sh down`, which kills whatever
 //! still runs in its namespaces and deletes them. Peers and the agent borrow the lab,
 //! so they are always stopped before it goes down.
@@ -44,7 +45,7 @@ impl Lab {
     pub fn up(prefix: &str) -> Result<Lab> {
         crate::sandbox::enter();
         crate::sandbox::guard().context("refusing to build a lab outside the sandbox")?;
-        let namespaces = ["pod", "pod2", "node", "brk"].iter().map(|r| format!("{prefix}-{r}")).collect();
+        let namespaces = ["pod", "pod2", "node", "brk", "cni"].iter().map(|r| format!("{prefix}-{r}")).collect();
         let workdir = PathBuf::from("/tmp/rmq-e2e").join(format!("{prefix}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&workdir);
         std::fs::create_dir_all(&workdir).with_context(|| format!("create {}", workdir.display()))?;
@@ -78,25 +79,33 @@ impl Lab {
     pub fn brk(&self) -> Netns {
         self.netns("brk")
     }
+    /// An empty pod sandbox (only `lo`) for the CNI tests.
+    pub fn cni_pod(&self) -> Netns {
+        self.netns("cni")
+    }
 
     /// `<prefix>-<role>`; panics for a role the lab does not have.
     pub fn netns(&self, role: &str) -> Netns {
         Netns::of_lab(format!("{}-{role}", self.prefix), &self.namespaces)
     }
 
-    /// Installs the node's TPROXY capture for the pod (IPv4 and IPv6) with
-    /// `scripts/capture-rules.sh`; `ports` overrides the captured destination ports
-    /// (default: the agent's RocketMQ ports).
-    pub fn capture_pod(&self, agent_bin: &Path, ports: Option<&str>) -> Result<()> {
-        let mut cmd = self.node().command("env");
-        cmd.arg(format!("RMQ_AGENT={}", agent_bin.display()));
+    /// Captures the lab pod (IPv4 and IPv6) the way a node does: by calling `rmq-cni`
+    /// ADD in the node netns as the last plugin of the pod's chain, with the prevResult
+    /// a routed-veth plugin would hand it. `ports` overrides the captured destination
+    /// ports (comma list; default: the RocketMQ ports).
+    pub fn capture_pod(&self, ports: Option<&str>) -> Result<()> {
+        let mut entry = crate::cni::rmq_entry(&self.workdir, "auto");
         if let Some(p) = ports {
-            cmd.arg(format!("PORTS={p}"));
+            let list: Vec<u16> = p.split(',').map(|x| x.trim().parse()).collect::<Result<_, _>>().context("ports")?;
+            entry["ports"] = serde_json::json!(list);
         }
-        cmd.arg(repo_root().join("scripts/capture-rules.sh"))
-            .args(["up", "tproxy", &POD_V4.to_string(), &POD_V6.to_string()]);
-        let out = cmd.output().context("run scripts/capture-rules.sh up")?;
-        check_output("scripts/capture-rules.sh up tproxy (node netns)", out)?;
+        let v4 = format!("{POD_V4}/24");
+        let v6 = format!("{POD_V6}/64");
+        let prev = crate::cni::veth_prev_result("pod0", &self.pod().path(), &[&v4, &v6]);
+        let run = crate::cni::exec_rmq_cni(&self.node(), &entry, "ADD", &format!("{}-pod", self.prefix), "default", &prev)?;
+        if !run.ok {
+            anyhow::bail!("rmq-cni ADD for the lab pod failed: {} {}", run.stdout, run.stderr);
+        }
         Ok(())
     }
 
