@@ -84,7 +84,7 @@ fn ipt_err(what: &str, e: BackendError) -> CniError {
 
 fn route_err(what: &str, e: RouteError) -> CniError {
     let code = if matches!(e, RouteError::Timeout(_)) { Code::TryAgainLater } else { Code::CaptureInstall };
-    CniError::new(code, format!("rmq-cni could not {what}"), format!("{e}. rmq-cni needs CAP_NET_ADMIN in the node's network namespace"))
+    CniError::new(code, format!("rmq-cni could not {what}"), format!("{e}. rmq-cni needs CAP_NET_ADMIN in the node's network namespace, and IPv6 enabled on lo (sysctl net.ipv6.conf.lo.disable_ipv6=0) when pods get IPv6 addresses"))
 }
 
 /// ADD: shared plumbing (idempotent), then the pod's rules, then policy routing.

@@ -63,6 +63,8 @@ pub struct NetConf {
     pub iptables_backend: BackendSetting,
     /// Time limit of each external call (iptables, netlink), in milliseconds.
     pub timeout_ms: Option<u64>,
+    /// How long to wait for other rmq-cni runs (parallel pod starts), in milliseconds.
+    pub lock_timeout_ms: Option<u64>,
     pub prev_result: Option<Box<RawValue>>,
 }
 
@@ -102,6 +104,10 @@ impl NetConf {
 
     pub fn timeout(&self) -> Duration {
         Duration::from_millis(self.timeout_ms.unwrap_or(5000).max(100))
+    }
+
+    pub fn lock_timeout(&self) -> Duration {
+        Duration::from_millis(self.lock_timeout_ms.unwrap_or(30_000).max(100))
     }
 
     pub fn lock_file(&self) -> &str {

@@ -135,7 +135,17 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Uninstall(a) => {
             let c = install::uninstall(&a.options()?)?;
-            say(format!("uninstall: {}", if c.any() { describe(&c).replace("updated", "removed") } else { "nothing to remove".into() }));
+            let mut parts = Vec::new();
+            if c.binary {
+                parts.push("binary removed".to_string());
+            }
+            if let Some(p) = &c.conflist {
+                parts.push(format!("entry removed from {}", p.display()));
+            }
+            if let Some(p) = &c.converted_from {
+                parts.push(format!("restored {}", p.display()));
+            }
+            say(format!("uninstall: {}", if parts.is_empty() { "nothing to remove".into() } else { parts.join(", ") }));
         }
     }
     Ok(())

@@ -98,8 +98,8 @@ fn require_prev(conf: &NetConf, verb: &str) -> Result<crate::conf::PrevResult, C
 /// Builds the node handles; both calls are bounded by the configured time limit.
 fn with_node<T>(conf: &NetConf, f: impl FnOnce(&Node) -> Result<T, CniError>) -> Result<T, CniError> {
     let limit = conf.timeout();
-    let _lock = PluginLock::acquire(conf.lock_file(), limit)?;
     let flavor = backend::detect(conf.iptables_backend, limit).map_err(backend_err)?;
+    let _lock = PluginLock::acquire(conf.lock_file(), conf.lock_timeout())?;
     let xt = Xtables::new(flavor, limit).map_err(backend_err)?;
     let nl = Netlink::new(limit);
     f(&Node { backend: &xt, routing: &nl })

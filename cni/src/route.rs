@@ -186,13 +186,20 @@ impl Routing for Netlink {
             }
         }
         if !Self::our_route_present(&routes, lo) {
-            self.with_handle("add local route", |h| async move {
+            let r = self.with_handle("add local route", |h| async move {
                 let msg = match f {
                     Family::V4 => RouteMessageBuilder::<Ipv4Addr>::new().kind(RouteType::Local).scope(RouteScope::Host).table_id(ROUTE_TABLE).output_interface(lo).build(),
                     Family::V6 => RouteMessageBuilder::<Ipv6Addr>::new().kind(RouteType::Local).scope(RouteScope::Host).table_id(ROUTE_TABLE).output_interface(lo).build(),
                 };
                 h.route().add(msg).replace().execute().await
-            })?;
+            });
+            if let Err(e) = r {
+                // The caller journals only what we return, so undo our half here.
+                for a in &added {
+                    let _ = self.remove(f, a);
+                }
+                return Err(e);
+            }
             added.push(Added::Route);
         }
         Ok(added)

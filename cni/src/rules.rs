@@ -190,6 +190,26 @@ mod tests {
         assert_eq!(pod_comment("abc"), format!("{RULE_COMMENT_PREFIX}abc"));
     }
 
+    /// Golden files of the full plan; `RMQ_UPDATE_GOLDEN=1` rewrites them after a
+    /// deliberate change (review the diff: these are the rules every node gets).
+    #[test]
+    fn plans_match_golden_files() {
+        let cases: [(&str, Vec<(IpAddr, Mode)>); 2] = [
+            ("plan_tproxy_dual_stack.txt", vec![("10.22.0.5".parse().unwrap(), Mode::Tproxy), ("fd00:22::5".parse().unwrap(), Mode::Tproxy)]),
+            ("plan_redirect_v4.txt", vec![("10.22.0.6".parse().unwrap(), Mode::Redirect)]),
+        ];
+        for (name, pods) in cases {
+            let got = render_plan(&pods, &rmq_common::DEFAULT_ROCKETMQ_PORTS, rmq_common::AGENT_PORT, "0123abcd");
+            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(name);
+            if std::env::var_os("RMQ_UPDATE_GOLDEN").is_some() {
+                std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+                std::fs::write(&path, &got).unwrap();
+            }
+            let want = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            assert_eq!(got, want, "{name} differs");
+        }
+    }
+
     #[test]
     fn v6_rule_uses_128_and_any6() {
         let r = pod_rule(&"fd00::2".parse().unwrap(), Mode::Tproxy, &[9876], 15001, "c");

@@ -55,6 +55,8 @@ pub fn workspace_binary(name: &str, env_var: &str) -> Result<PathBuf> {
 pub struct AgentOptions {
     /// `--spoof-source`: upstream connections carry the pod's IP.
     pub spoof_source: bool,
+    /// `--capture` (default `tproxy`; `auto` also accepts REDIRECTed connections).
+    pub capture: Option<String>,
     /// More `rmq-agent run` arguments.
     pub extra_args: Vec<String>,
 }
@@ -141,7 +143,7 @@ impl<'lab> Agent<'lab> {
             .open(&self.log_path)
             .with_context(|| format!("open {}", self.log_path.display()))?;
         let mut cmd = self.lab.node().command(&self.bin);
-        cmd.args(["run", "--capture", "tproxy", "--log-format", "json"]);
+        cmd.args(["run", "--capture", self.options.capture.as_deref().unwrap_or("tproxy"), "--log-format", "json"]);
         // Unix sockets live on the shared filesystem, not in a netns: each lab gets its own.
         cmd.arg("--admin-socket").arg(self.admin_socket());
         cmd.arg("--handoff-socket").arg(self.handoff_socket());

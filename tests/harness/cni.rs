@@ -94,6 +94,11 @@ impl CniRuntime {
         Ok(CniRuntime { node, conflist, cni_path: format!("{DEBIAN_CNI_DIR}:{ours_dir}") })
     }
 
+    /// Like [`CniRuntime::new`] with an explicit `CNI_PATH` (e.g. an installed bin dir).
+    pub fn with_path(node: Netns, conflist: Value, cni_path: &str) -> Result<CniRuntime> {
+        Ok(CniRuntime { node, conflist, cni_path: cni_path.to_string() })
+    }
+
     pub fn conflist(&self) -> &Value {
         &self.conflist
     }
