@@ -111,3 +111,48 @@ fn five_upgrades_under_load_lose_nothing() -> Result<()> {
     ensure!(dump["listeners"][0]["inherited"] == true, "the listener should be inherited: {dump}");
     Ok(())
 }
+
+/// Under a DaemonSet an exited container is restarted, and a restarted agent would take
+/// the listener back from its successor. With `--idle-after-handover` the predecessor
+/// stays up holding nothing (no capture or admin listener, no connection) until SIGTERM.
+#[test]
+fn predecessor_idles_after_handover_until_sigterm() -> Result<()> {
+    let lab = Lab::up("upgidle")?;
+    let peers = Peers::start(&lab)?;
+    let mut agent = Agent::start(&lab, AgentOptions { extra_args: vec!["--idle-after-handover".into()], ..Default::default() })?;
+    lab.capture_pod(None)?;
+    let namesrv = peers.namesrv();
+    let mut conn = lab.pod().run(|| -> Result<RemotingConn> {
+        let c = TcpStream::connect_timeout(&namesrv, Duration::from_secs(2))?;
+        c.set_read_timeout(Some(Duration::from_secs(3)))?;
+        RemotingConn::new(c)
+    })?;
+    conn.route("TBW102")?;
+
+    let mut old = agent.upgrade_keep_predecessor()?;
+    std::thread::sleep(Duration::from_secs(1));
+    ensure!(old.try_wait()?.is_none(), "the predecessor exited after the hand-over; a kubelet would restart it");
+    let listeners = lab.node().sh("ss -Hltnp '( sport = :15001 or sport = :15020 )'")?;
+    let old_pid = format!("pid={},", old.id());
+    ensure!(!listeners.contains(&old_pid), "the idle predecessor still listens:\n{listeners}");
+    ensure!(listeners.contains(&format!("pid={},", agent.pid().context("no successor")?)), "the successor does not listen:\n{listeners}");
+    let established = lab.node().sh("ss -Htnp state established")?;
+    ensure!(!established.contains(&old_pid), "the idle predecessor still holds connections:\n{established}");
+    // The live connection moved to the successor and still works.
+    conn.route("TBW102").context("the migrated connection")?;
+
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(old.id() as i32), nix::sys::signal::Signal::SIGTERM)?;
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = old.try_wait()? {
+            break s;
+        }
+        ensure!(t.elapsed() < Duration::from_secs(3), "the idle predecessor ignored SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    ensure!(status.success(), "the idle predecessor exited with {status}");
+    println!("predecessor idled, then exited {status} {:?} after SIGTERM", t.elapsed());
+    agent.wait_log("the predecessor's stop line", Duration::from_secs(2), |l| l.is("rmq-agent stopped (it had handed over)"))?;
+    conn.route("TBW102").context("the connection after the predecessor exited")?;
+    Ok(())
+}

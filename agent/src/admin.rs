@@ -32,6 +32,9 @@ pub struct AdminState {
     pub listeners: std::sync::Mutex<Vec<ListenerView>>,
     /// Pull→Pop state for the dump, when conversion is on.
     pub converted: std::sync::OnceLock<Box<dyn Fn() -> Vec<ConvertedGroupView> + Send + Sync>>,
+    /// Closes both admin listeners (an agent that handed over must not answer probes
+    /// that SO_REUSEPORT would otherwise share with its successor).
+    pub stop: tokio::sync::Notify,
 }
 
 impl AdminState {
@@ -47,6 +50,7 @@ impl AdminState {
             started_ms: now_ms(),
             listeners: Default::default(),
             converted: Default::default(),
+            stop: tokio::sync::Notify::new(),
         }
     }
 
@@ -88,6 +92,7 @@ pub fn spawn(addr: SocketAddr, socket: &Path, state: Arc<AdminState>) -> anyhow:
             info!(addr = %addr, socket = %socket.display(), "admin endpoint listening");
             loop {
                 tokio::select! {
+                    _ = state.stop.notified() => return info!("admin endpoint closed"),
                     r = tcp.accept() => match r {
                         Ok((s, _)) => { tokio::spawn(serve(s, state.clone(), false)); }
                         Err(e) => { debug!(error = %e, "admin accept failed"); tokio::time::sleep(Duration::from_millis(50)).await; }

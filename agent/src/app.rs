@@ -156,11 +156,46 @@ async fn serve(cfg: Config, log_level: Option<LogLevelHandle>, workers: usize) -
     while (metrics.connections_active.get() > 0 || ctx.in_transit.load(Ordering::SeqCst) > 0) && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let handed_over = sender.is_some();
     if let Some(task) = sender {
         // It sends Done and ends once nothing is active or queued.
         let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
     }
+    if handed_over && cfg.idle_after_handover {
+        admin.stop.notify_one();
+        return idle_until_sigterm(&cfg, term, int).await;
+    }
     info!(left = metrics.connections_active.get(), "rmq-agent stopped");
+    Ok(())
+}
+
+/// How often an idle predecessor checks that its successor still answers.
+const SUCCESSOR_CHECK: Duration = Duration::from_secs(10);
+
+/// A predecessor under a supervisor that restarts exited containers: stay up, holding
+/// nothing, until told to stop; give up (non-zero) once no agent answers on the node,
+/// so that the supervisor starts a fresh one.
+async fn idle_until_sigterm(cfg: &Config, mut term: tokio::signal::unix::Signal, mut int: tokio::signal::unix::Signal) -> anyhow::Result<()> {
+    info!("handed over to a newer agent; idle until SIGTERM");
+    let mut misses = 0;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = tokio::time::sleep(SUCCESSOR_CHECK) => {
+                if tokio::net::UnixStream::connect(&cfg.admin_socket).await.is_ok() {
+                    misses = 0;
+                } else {
+                    misses += 1;
+                    warn!(misses, socket = %cfg.admin_socket.display(), "no agent answers on the admin socket");
+                    if misses >= 3 {
+                        anyhow::bail!("the agent that took over is gone; exiting so that a new one starts");
+                    }
+                }
+            }
+        }
+    }
+    info!("rmq-agent stopped (it had handed over)");
     Ok(())
 }
 

@@ -78,6 +78,7 @@ pub struct RunArgs {
     pub log_format: LogFormat,
     /// Log one line per relayed request (`on`) or not (`off`).
     #[arg(long, env = "RMQ_AGENT_ACCESS_LOG", default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]
+    #[serde(deserialize_with = "de_on_off")]
     pub access_log: bool,
     /// Data-plane worker threads (0 = one per CPU).
     #[arg(long, env = "RMQ_AGENT_WORKERS", default_value_t = 0)]
@@ -85,6 +86,12 @@ pub struct RunArgs {
     /// How long SIGTERM waits for open connections to finish.
     #[arg(long, env = "RMQ_AGENT_DRAIN_TIMEOUT_MS", default_value_t = 5000)]
     pub drain_timeout_ms: u64,
+    /// After handing over to a newer agent, stay alive (idle, no sockets) until SIGTERM
+    /// instead of exiting; for DaemonSets, whose kubelet would restart an exited
+    /// container and take the listener back. Exits non-zero if the successor vanishes.
+    #[arg(long, env = "RMQ_AGENT_IDLE_AFTER_HANDOVER")]
+    #[serde(default)]
+    pub idle_after_handover: bool,
     /// TOML file with the same keys as the flags (kebab-case).
     #[arg(long, env = "RMQ_AGENT_CONFIG")]
     #[serde(skip)]
@@ -96,6 +103,20 @@ fn parse_on_off(s: &str) -> Result<bool, String> {
         "on" | "true" | "1" => Ok(true),
         "off" | "false" | "0" => Ok(false),
         _ => Err(format!("expected on or off, got {s:?}")),
+    }
+}
+
+/// A file may say `access-log = "off"` like the flag, or `access-log = false`.
+fn de_on_off<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OnOff {
+        Bool(bool),
+        Word(String),
+    }
+    match OnOff::deserialize(d)? {
+        OnOff::Bool(b) => Ok(b),
+        OnOff::Word(w) => parse_on_off(&w).map_err(serde::de::Error::custom),
     }
 }
 
@@ -118,6 +139,7 @@ pub struct Config {
     pub access_log: bool,
     pub workers: usize,
     pub drain_timeout: Duration,
+    pub idle_after_handover: bool,
 }
 
 impl RunArgs {
@@ -183,6 +205,7 @@ impl RunArgs {
             access_log: self.access_log,
             workers: self.workers,
             drain_timeout: Duration::from_millis(self.drain_timeout_ms),
+            idle_after_handover: self.idle_after_handover,
         })
     }
 }
@@ -226,6 +249,16 @@ mod tests {
         assert!(resolve(&[]).unwrap().access_log);
         assert!(!resolve(&["--access-log", "off"]).unwrap().access_log);
         assert!(resolve(&["--access-log", "maybe"]).is_err());
+        // The file takes the flag's words or a TOML bool.
+        let dir = std::env::temp_dir().join(format!("rmq-agent-cfg-al-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("agent.toml");
+        for (text, want) in [("access-log = \"off\"\n", false), ("access-log = false\n", false), ("access-log = \"on\"\n", true)] {
+            std::fs::write(&f, text).unwrap();
+            assert_eq!(resolve(&["--config", f.to_str().unwrap()]).unwrap().access_log, want, "{text}");
+        }
+        std::fs::write(&f, "access-log = \"loud\"\n").unwrap();
+        assert!(resolve(&["--config", f.to_str().unwrap()]).is_err());
     }
 
     #[test]

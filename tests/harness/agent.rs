@@ -104,6 +104,22 @@ impl<'lab> Agent<'lab> {
         Ok(())
     }
 
+    /// Like [`Agent::upgrade`] for a predecessor started with `--idle-after-handover`:
+    /// waits until it has handed over and says it idles, and returns its process,
+    /// still running (the caller ends it).
+    pub fn upgrade_keep_predecessor(&mut self) -> Result<Child> {
+        let old = self.child.take().context("no agent is running to upgrade")?;
+        let new = self.launch()?;
+        self.child = Some(new);
+        self.wait_log("the predecessor to hand over and idle", Duration::from_secs(20), |l| {
+            l.is("handed over to a newer agent; idle until SIGTERM")
+        })?;
+        if !self.is_running() {
+            bail!("the new agent died during the hand-over; log:\n{}", self.log_text_tail(30));
+        }
+        Ok(old)
+    }
+
     /// SIGKILL: the agent dies with everything in flight (restart it with [`Agent::restart`]).
     pub fn kill(&mut self) -> Result<()> {
         let mut child = self.child.take().context("no agent is running")?;
