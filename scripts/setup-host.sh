@@ -19,3 +19,5 @@ command -v cargo >/dev/null || { echo "setup-host: cargo not found; install a Ru
 command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
 
 "$ROOT/scripts/install-peers.sh" all
+# The manifest test validates offline, inside the sandbox: install its schema tool now.
+"$ROOT/scripts/validate-manifests.sh" --install
