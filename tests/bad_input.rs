@@ -192,3 +192,67 @@ fn agent_is_not_an_open_relay() -> Result<()> {
     }
     Ok(())
 }
+
+/// A name server that lies: a fake one (raw frames) on the "down broker" address answers
+/// route lookups with a body that is not JSON, with a broker outside `--allow-cidr`, and
+/// with a broker that is down. The agent (converting, so it parses routes) relays each
+/// answer byte for byte, survives the garbage, and does not let the lies steer it: the
+/// outside broker is refused, the down one gives a prompt reset.
+#[test]
+fn a_lying_name_server_cannot_steer_the_agent() -> Result<()> {
+    let lab = Lab::up("lie")?;
+    let mut agent = Agent::start(
+        &lab,
+        AgentOptions { extra_args: vec!["--convert".into(), "all".into(), "--allow-cidr".into(), "10.200.0.0/16,fd00:200::/32".into()], ..Default::default() },
+    )?;
+    lab.capture_pod(None)?;
+    let liar = SocketAddr::new(IpAddr::V4(DOWN_BROKER_V4), 9876);
+    let outside: SocketAddr = "10.9.9.9:10911".parse()?;
+    let down = SocketAddr::new(IpAddr::V4(DOWN_BROKER_V4), BROKER_PORT);
+    let route = |addr: SocketAddr| format!(r#"{{"brokerDatas":[{{"brokerName":"broker-a","cluster":"c","brokerAddrs":{{0:"{addr}"}}}}],"queueDatas":[{{"brokerName":"broker-a","perm":6,"readQueueNums":2,"writeQueueNums":2}}]}}"#).into_bytes();
+    let lies: Vec<Vec<u8>> = vec![b"{\"brokerDatas\":[{\"brokerAddrs\":".to_vec(), route(outside), route(down)];
+
+    let listener = lab.brk().run(|| std::net::TcpListener::bind(liar))?;
+    let served = lies.clone();
+    let server = std::thread::spawn(move || -> Result<()> {
+        let (s, _) = listener.accept()?;
+        let mut conn = RemotingConn::new(s)?;
+        for body in served {
+            let req = conn.read_frame()?;
+            let header = serde_json::json!({"code": 0, "flag": 1, "language": "JAVA", "opaque": req.opaque(), "serializeTypeCurrentRPC": "JSON", "version": 401});
+            conn.send_raw(&frames::encode(&serde_json::to_vec(&header)?, &body))?;
+        }
+        Ok(())
+    });
+    let mut conn = lab.pod().run(|| -> Result<RemotingConn> {
+        let s = TcpStream::connect_timeout(&liar, PROMPT)?;
+        s.set_read_timeout(Some(PROMPT))?;
+        RemotingConn::new(s)
+    })?;
+    for (i, lie) in lies.iter().enumerate() {
+        let got = conn.route(&format!("LIE{i}"))?;
+        ensure!(got.code() == 0 && &got.body == lie, "answer {i} was not relayed byte for byte: {:?}", String::from_utf8_lossy(&got.body));
+    }
+    server.join().map_err(|_| anyhow::anyhow!("fake name server panicked"))??;
+
+    // The outside broker the liar named: refused, never dialled.
+    let before = agent.metrics()?.get("rmq_agent_connections_total", &[("result", "refused_cidr")]);
+    let mut s = lab.pod().run(|| TcpStream::connect_timeout(&outside, PROMPT)).context("connect to the lied-about broker")?;
+    let closed = frames::expect_closed_within(&mut s, PROMPT)?;
+    println!("lied-about {outside}: refused ({:?}) after {:?}", closed.kind, closed.after);
+    let after = rmq_e2e::lab::wait_for("refused_cidr to increment", PROMPT, || {
+        let v = agent.metrics()?.get("rmq_agent_connections_total", &[("result", "refused_cidr")]);
+        Ok((v > before).then_some(v))
+    })?;
+    ensure!(after == before + 1.0, "refused_cidr went {before} -> {after}");
+
+    // The down broker it named: the pod learns at once.
+    let mut s = lab.pod().run(|| TcpStream::connect_timeout(&down, PROMPT)).context("connect to the down broker")?;
+    let closed = frames::expect_closed_within(&mut s, PROMPT)?;
+    println!("lied-about {down} (down): closed ({:?}) after {:?}", closed.kind, closed.after);
+
+    // Still serving: the garbage route was not a crash.
+    ensure!(agent.is_running(), "the agent died");
+    ensure!(agent.metrics()?.get("rmq_agent_connections_total", &[("result", "proxied")]) >= 1.0, "the liar's connection was not proxied");
+    Ok(())
+}

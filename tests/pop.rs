@@ -240,3 +240,61 @@ fn reconsume_later_retries_then_dead_letters() -> Result<()> {
 fn peers_broker() -> std::net::SocketAddr {
     std::net::SocketAddr::new(rmq_e2e::lab::BROKER_V4.into(), rmq_e2e::peers::BROKER_PORT)
 }
+
+/// A pod is deleted mid-flight the hard way: its network vanishes first (no FIN or RST
+/// ever reaches the agent), then its consumer is killed and the runtime runs CNI DEL.
+/// Nothing it held is lost: the other consumers receive it once its receipts lapse
+/// (the agent stops renewing for a silent client), and the agent drops the dead
+/// connections on its own (TCP keepalive), releasing whatever they still held.
+#[test]
+fn a_pod_deleted_mid_flight_loses_nothing() -> Result<()> {
+    use nix::sys::signal::Signal;
+    use std::collections::BTreeSet;
+    use std::time::Instant;
+
+    let lab = Lab::up("pdel")?;
+    let peers = Peers::start(&lab)?;
+    let args = vec!["--convert".into(), "all".into(), "--pop-invisible-ms".into(), "20000".into()];
+    let _agent = Agent::start(&lab, AgentOptions { extra_args: args, ..Default::default() })?;
+    lab.capture_pod(None)?;
+    lab.capture_pod2()?;
+    create_topic(&lab.brk(), peers.broker(), "POP_PDEL", 2)?;
+    let ns_addr = peers.namesrv();
+    let victim = Consumer::start(Sdk::Python, "victim", &lab.pod2(), ns_addr, "POP_PDEL", "g_pdel", 150, &[], lab.workdir())?;
+    let others = [
+        Consumer::start(Sdk::Rust, "rs-a", &lab.pod(), ns_addr, "POP_PDEL", "g_pdel", 150, &[], lab.workdir())?,
+        Consumer::start(Sdk::Python, "py-b", &lab.pod(), ns_addr, "POP_PDEL", "g_pdel", 150, &[], lab.workdir())?,
+    ];
+    std::thread::sleep(Duration::from_secs(12));
+    let (first, failed) = rmq_e2e::group::produce_counting(&lab.pod(), ns_addr, "POP_PDEL", 30, "pd1", 0.1, lab.workdir())?;
+    ensure!(failed == 0 && first.len() == 30, "producer: {} sent, {failed} failed", first.len());
+    let victim_conns = || -> Result<usize> { Ok(lab.established(&lab.node(), 10911)?.iter().filter(|(_, peer)| peer.contains("10.200.3.2]:") || peer.starts_with("10.200.3.2:")).count()) };
+    ensure!(victim_conns()? > 0, "the victim in pod2 has no connection through the agent: {:?}\nvictim output:\n{}", lab.established(&lab.node(), 10911)?, victim.output());
+
+    // The pod goes away: network first, then its process, then CNI DEL.
+    lab.node().sh("ip link del pod1")?;
+    let gone_at = Instant::now();
+    victim.signal(Signal::SIGKILL)?;
+    lab.release_pod2()?;
+    let victim_done: BTreeSet<String> = victim.deliveries().into_iter().map(|d| d.body).collect();
+    produce(&lab.pod(), ns_addr, "POP_PDEL", 30, "pd2", lab.workdir())?;
+
+    let seen_by_others = || -> BTreeSet<String> { others.iter().flat_map(|c| c.deliveries()).map(|d| d.body).collect() };
+    let all: BTreeSet<String> = (0..30).flat_map(|i| [format!("pd1 i={i}"), format!("pd2 i={i}")]).collect();
+    rmq_e2e::lab::wait_for("every message to be consumed by a surviving consumer or by the victim before it went", Duration::from_secs(90), || {
+        let consumed: BTreeSet<String> = seen_by_others().union(&victim_done).cloned().collect();
+        Ok(all.is_subset(&consumed).then_some(()))
+    })?;
+    let recovered = gone_at.elapsed();
+    let came_back: usize = others.iter().flat_map(|c| c.deliveries()).filter(|d| d.reconsume > 0 && !victim_done.contains(&d.body)).count();
+
+    rmq_e2e::lab::wait_for("the agent to drop the deleted pod's connections", Duration::from_secs(100), || Ok((victim_conns()? == 0).then_some(())))?;
+    let dropped = gone_at.elapsed();
+    let dups = GroupReport::new(&others, "pd").duplicates();
+    println!(
+        "POP REPORT pod-deleted: victim_processed={} all_consumed_after_ms={} came_back_redelivered={came_back} \
+         dead_connections_dropped_after_ms={} duplicates_among_survivors={dups}",
+        victim_done.len(), recovered.as_millis(), dropped.as_millis()
+    );
+    Ok(())
+}

@@ -94,17 +94,32 @@ impl Lab {
     /// a routed-veth plugin would hand it. `ports` overrides the captured destination
     /// ports (comma list; default: the RocketMQ ports).
     pub fn capture_pod(&self, ports: Option<&str>) -> Result<()> {
+        self.capture("pod", "pod0", &[&format!("{POD_V4}/24"), &format!("{POD_V6}/64")], ports)
+    }
+
+    /// Like [`Lab::capture_pod`] for the second pod (10.200.3.2).
+    pub fn capture_pod2(&self) -> Result<()> {
+        self.capture("pod2", "pod1", &[&format!("{POD2_V4}/24")], None)
+    }
+
+    /// CNI DEL of the second pod's capture (what the runtime runs when it is deleted).
+    pub fn release_pod2(&self) -> Result<()> {
+        let entry = crate::cni::rmq_entry(&self.workdir, "auto");
+        let run = crate::cni::exec_rmq_cni(&self.node(), &entry, "DEL", &format!("{}-pod2", self.prefix), "default", &serde_json::json!({}))?;
+        anyhow::ensure!(run.ok, "rmq-cni DEL for pod2 failed: {} {}", run.stdout, run.stderr);
+        Ok(())
+    }
+
+    fn capture(&self, role: &str, host_if: &str, addrs: &[&str], ports: Option<&str>) -> Result<()> {
         let mut entry = crate::cni::rmq_entry(&self.workdir, "auto");
         if let Some(p) = ports {
             let list: Vec<u16> = p.split(',').map(|x| x.trim().parse()).collect::<Result<_, _>>().context("ports")?;
             entry["ports"] = serde_json::json!(list);
         }
-        let v4 = format!("{POD_V4}/24");
-        let v6 = format!("{POD_V6}/64");
-        let prev = crate::cni::veth_prev_result("pod0", &self.pod().path(), &[&v4, &v6]);
-        let run = crate::cni::exec_rmq_cni(&self.node(), &entry, "ADD", &format!("{}-pod", self.prefix), "default", &prev)?;
+        let prev = crate::cni::veth_prev_result(host_if, &self.netns(role).path(), addrs);
+        let run = crate::cni::exec_rmq_cni(&self.node(), &entry, "ADD", &format!("{}-{role}", self.prefix), "default", &prev)?;
         if !run.ok {
-            anyhow::bail!("rmq-cni ADD for the lab pod failed: {} {}", run.stdout, run.stderr);
+            anyhow::bail!("rmq-cni ADD for the lab's {role} failed: {} {}", run.stdout, run.stderr);
         }
         Ok(())
     }
