@@ -20,7 +20,7 @@ use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
 
 use rmq_e2e::agent::{Agent, AgentOptions};
-use rmq_e2e::cni::{self, our_rules, veth_prev_result, CniRuntime, PodRef};
+use rmq_e2e::cni::{self, our_rules_in, veth_prev_result, CniRuntime, PodRef};
 use rmq_e2e::lab::{repo_root, wait_for, Lab};
 use rmq_e2e::peers::Peers;
 use rmq_e2e::sdk::{self, Sdk, SdkOptions};
@@ -42,8 +42,12 @@ fn rules_of(node_rules: &[String], container_id: &str) -> Vec<String> {
 }
 
 fn all_rules(lab: &Lab) -> Result<Vec<String>> {
-    let mut v = our_rules(&lab.node(), false)?;
-    v.extend(our_rules(&lab.node(), true)?.into_iter().map(|l| format!("v6 {l}")));
+    all_rules_in(lab, false)
+}
+
+fn all_rules_in(lab: &Lab, legacy: bool) -> Result<Vec<String>> {
+    let mut v = our_rules_in(&lab.node(), false, legacy)?;
+    v.extend(our_rules_in(&lab.node(), true, legacy)?.into_iter().map(|l| format!("v6 {l}")));
     Ok(v)
 }
 
@@ -203,8 +207,8 @@ fn run_ok(lab: &Lab, entry: &Value, cmd: &str, id: &str, prev: &Value) -> Result
 }
 
 /// Every shared rule exactly once, one rule per pod address, one policy rule per family.
-fn ensure_consistent(lab: &Lab, pods: &[usize]) -> Result<()> {
-    let rules = all_rules(lab)?;
+fn ensure_consistent(lab: &Lab, legacy: bool, pods: &[usize]) -> Result<()> {
+    let rules = all_rules_in(lab, legacy)?;
     let shared: Vec<&String> = rules.iter().filter(|l| !l.contains("--comment")).collect();
     let mut uniq = shared.clone();
     uniq.sort();
@@ -220,36 +224,77 @@ fn ensure_consistent(lab: &Lab, pods: &[usize]) -> Result<()> {
         let n = lab.node().sh(&format!("ip {fam} rule show"))?.lines().filter(|l| l.contains(&format!("lookup {}", rmq_common::ROUTE_TABLE))).count();
         ensure!(n == 1, "ip {fam} rule: {n} rules for table {}", rmq_common::ROUTE_TABLE);
     }
+    // Never both backends: the other one holds none of our rules.
+    ensure!(all_rules_in(lab, !legacy)?.iter().all(|l| !l.contains("RMQ_AGENT")), "rules leaked into the other iptables backend");
+    Ok(())
+}
+
+/// 20 ADDs at once, CHECKs, mixed DEL/re-ADD, DELs; with `legacy`, the plugin is told to use
+/// iptables-legacy while a kube-proxy-like writer changes the same tables through the
+/// xtables lock the whole time.
+fn parallel_case(prefix: &str, legacy: bool) -> Result<()> {
+    let lab = Lab::up(prefix)?;
+    let mut entry = cni::rmq_entry(lab.workdir(), "auto");
+    if legacy {
+        entry["iptablesBackend"] = json!("legacy");
+    }
+
+    if !legacy {
+        // Golden: one pod's complete rule set, as the kernel lists it.
+        run_ok(&lab, &entry, "ADD", "golden", &veth_prev_result("pod0", &lab.cni_pod().path(), &["10.201.1.2/24", "fd00:201:1::2/64"]))?;
+        let mut got = all_rules(&lab)?.join("\n");
+        got.push('\n');
+        for fam in ["-4", "-6"] {
+            got.push_str(&lab.node().sh(&format!("ip {fam} rule show table {0}; ip {fam} route show table {0}", rmq_common::ROUTE_TABLE))?);
+        }
+        golden("cni_rules.txt", &got)?;
+        run_ok(&lab, &entry, "DEL", "golden", &json!({}))?;
+    }
+
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let writes = std::thread::scope(|s| -> Result<usize> {
+        let writer = s.spawn(|| -> Result<usize> {
+            let mut n = 0;
+            while legacy && !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // What kube-proxy does all day: rewrite its own rules, holding the xtables lock.
+                lab.node().sh("iptables-legacy -w 10 -t mangle -A FORWARD -m comment --comment kube-proxy-like -j RETURN && \
+                               iptables-legacy -w 10 -t mangle -D FORWARD -m comment --comment kube-proxy-like -j RETURN")?;
+                n += 1;
+            }
+            Ok(n)
+        });
+        let run = || -> Result<()> {
+            let t = Instant::now();
+            parallel(20, |i| run_ok(&lab, &entry, "ADD", &format!("par-{i}"), &veth_pod(&lab, i)))?;
+            println!("{prefix}: 20 parallel ADDs in {:?}", t.elapsed());
+            ensure_consistent(&lab, legacy, &(0..20).collect::<Vec<_>>())?;
+            parallel(20, |i| run_ok(&lab, &entry, "CHECK", &format!("par-{i}"), &veth_pod(&lab, i)))?;
+            // Mixed: the even pods go away while the odd ones are re-added (a retried ADD).
+            parallel(20, |i| run_ok(&lab, &entry, if i % 2 == 0 { "DEL" } else { "ADD" }, &format!("par-{i}"), &veth_pod(&lab, i)))?;
+            ensure_consistent(&lab, legacy, &(0..20).filter(|i| i % 2 == 1).collect::<Vec<_>>())?;
+            parallel(20, |i| run_ok(&lab, &entry, "DEL", &format!("par-{i}"), &veth_pod(&lab, i)))?;
+            ensure_consistent(&lab, legacy, &[])
+        };
+        let r = run();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let n = writer.join().map_err(|_| anyhow::anyhow!("writer panicked"))??;
+        r.map(|()| n)
+    })?;
+    if legacy {
+        println!("{prefix}: the concurrent writer made {writes} lock-holding changes, none failed");
+        ensure!(writes > 0, "the concurrent writer never ran");
+    }
     Ok(())
 }
 
 #[test]
 fn twenty_parallel_adds_and_dels_keep_one_consistent_rule_set() -> Result<()> {
-    let lab = Lab::up("cpar")?;
-    let entry = cni::rmq_entry(lab.workdir(), "auto");
+    parallel_case("cpar", false)
+}
 
-    // Golden: one pod's complete rule set, as the kernel lists it.
-    run_ok(&lab, &entry, "ADD", "golden", &veth_prev_result("pod0", &lab.cni_pod().path(), &["10.201.1.2/24", "fd00:201:1::2/64"]))?;
-    let mut got = all_rules(&lab)?.join("\n");
-    got.push('\n');
-    for fam in ["-4", "-6"] {
-        got.push_str(&lab.node().sh(&format!("ip {fam} rule show table {0}; ip {fam} route show table {0}", rmq_common::ROUTE_TABLE))?);
-    }
-    golden("cni_rules.txt", &got)?;
-    run_ok(&lab, &entry, "DEL", "golden", &json!({}))?;
-
-    let t = Instant::now();
-    parallel(20, |i| run_ok(&lab, &entry, "ADD", &format!("par-{i}"), &veth_pod(&lab, i)))?;
-    println!("20 parallel ADDs in {:?}", t.elapsed());
-    ensure_consistent(&lab, &(0..20).collect::<Vec<_>>())?;
-    parallel(20, |i| run_ok(&lab, &entry, "CHECK", &format!("par-{i}"), &veth_pod(&lab, i)))?;
-
-    // Mixed: the even pods go away while the odd ones are re-added (a retried ADD).
-    parallel(20, |i| run_ok(&lab, &entry, if i % 2 == 0 { "DEL" } else { "ADD" }, &format!("par-{i}"), &veth_pod(&lab, i)))?;
-    ensure_consistent(&lab, &(0..20).filter(|i| i % 2 == 1).collect::<Vec<_>>())?;
-    parallel(20, |i| run_ok(&lab, &entry, "DEL", &format!("par-{i}"), &veth_pod(&lab, i)))?;
-    ensure_consistent(&lab, &[])?;
-    Ok(())
+#[test]
+fn legacy_backend_with_a_concurrent_xtables_writer() -> Result<()> {
+    parallel_case("cleg", true)
 }
 
 #[test]

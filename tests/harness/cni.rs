@@ -242,7 +242,17 @@ pub fn veth_prev_result(host_if: &str, pod_netns: &Path, addrs: &[&str]) -> Valu
 
 /// Our chains as `iptables -S` prints them (v4 or v6), in a stable order.
 pub fn our_rules(node: &Netns, v6: bool) -> Result<Vec<String>> {
-    let ipt = if v6 { "ip6tables" } else { "iptables" };
+    our_rules_in(node, v6, false)
+}
+
+/// Like [`our_rules`], from the legacy backend's tables when `legacy`.
+pub fn our_rules_in(node: &Netns, v6: bool, legacy: bool) -> Result<Vec<String>> {
+    let ipt = match (v6, legacy) {
+        (false, false) => "iptables",
+        (true, false) => "ip6tables",
+        (false, true) => "iptables-legacy",
+        (true, true) => "ip6tables-legacy",
+    };
     let mut out = Vec::new();
     for (table, chain) in [
         ("mangle", "PREROUTING"),
