@@ -298,7 +298,7 @@ fn legacy_backend_with_a_concurrent_xtables_writer() -> Result<()> {
 }
 
 #[test]
-fn excluded_namespaces_pass_through_and_a_failed_add_leaves_nothing() -> Result<()> {
+fn excluded_namespaces_pass_through_stale_rules_go_and_a_failed_add_leaves_nothing() -> Result<()> {
     let lab = Lab::up("cfail")?;
     let entry = cni::rmq_entry(lab.workdir(), "auto");
     let prev = veth_pod(&lab, 0);
@@ -307,6 +307,7 @@ fn excluded_namespaces_pass_through_and_a_failed_add_leaves_nothing() -> Result<
         ensure!(r.ok && serde_json::from_str::<Value>(&r.stdout)? == prev, "ADD in {ns}: {}", r.stdout);
     }
     ensure!(all_rules(&lab)?.is_empty(), "excluded pods got rules: {:?}", all_rules(&lab)?);
+
 
     // A node without IPv6 on lo cannot hold the v6 local route: the dual-stack ADD fails
     // at its very last step and must undo everything before it.
@@ -323,6 +324,23 @@ fn excluded_namespaces_pass_through_and_a_failed_add_leaves_nothing() -> Result<
     }
     let log = std::fs::read_to_string(lab.workdir().join("rmq-cni.log"))?;
     ensure!(log.contains("rolling back"), "no rollback in the plugin log:\n{log}");
+    lab.node().sh("sysctl -qw net.ipv6.conf.lo.disable_ipv6=0")?;
+
+    // A captured pod's DEL never ran, and its IP now belongs to a kube-system pod: the
+    // stale rule must not capture the newcomer.
+    run_ok(&lab, &entry, "ADD", "gone-1", &prev)?;
+    ensure!(rules_of(&all_rules(&lab)?, "gone-1").len() == 2, "setup: gone-1 has no rules");
+    let r = cni::exec_rmq_cni(&lab.node(), &entry, "ADD", "sys-2", "kube-system", &prev)?;
+    ensure!(r.ok, "ADD of the kube-system pod: {}", r.stdout);
+    ensure!(all_rules(&lab)?.iter().all(|l| !l.contains("--comment")), "a stale rule still captures the reused IP: {:#?}", all_rules(&lab)?);
+    // And for a captured newcomer, only its own rules remain.
+    run_ok(&lab, &entry, "ADD", "gone-2", &prev)?;
+    run_ok(&lab, &entry, "ADD", "new-3", &prev)?;
+    let rules = all_rules(&lab)?;
+    ensure!(rules_of(&rules, "gone-2").is_empty() && rules_of(&rules, "new-3").len() == 2, "after IP reuse: {rules:#?}");
+    run_ok(&lab, &entry, "DEL", "new-3", &prev)?;
+    let log = std::fs::read_to_string(lab.workdir().join("rmq-cni.log"))?;
+    ensure!(log.contains("stale rule"), "no stale-rule line in the plugin log:\n{log}");
     Ok(())
 }
 

@@ -87,10 +87,44 @@ fn route_err(what: &str, e: RouteError) -> CniError {
     CniError::new(code, format!("rmq-cni could not {what}"), format!("{e}. rmq-cni needs CAP_NET_ADMIN in the node's network namespace, and IPv6 enabled on lo (sysctl net.ipv6.conf.lo.disable_ipv6=0) when pods get IPv6 addresses"))
 }
 
+/// Rules of other containers for these pod addresses and any of these ports: left by a
+/// DEL that never ran (the pod's IP is now someone else's). Removing them keeps a reused
+/// IP from inheriting a capture, e.g. when it now belongs to an excluded pod.
+pub fn purge_stale(node: &Node, ips: &[IpAddr], ports: &[u16], keep_container_id: &str) -> Result<usize, CniError> {
+    let b = node.backend;
+    let keep = rules::pod_comment(keep_container_id);
+    let sources: Vec<String> = ips.iter().map(|ip| format!("{ip}/{}", if ip.is_ipv4() { 32 } else { 128 })).collect();
+    let mut removed = 0;
+    for f in [Family::V4, Family::V6] {
+        for (table, chain) in POD_CHAINS {
+            if !b.chain_exists(f, table, chain).map_err(|e| ipt_err("inspect its chains", e))? {
+                continue;
+            }
+            for line in b.list(f, table, chain).map_err(|e| ipt_err("list its rules", e))? {
+                let toks: Vec<&str> = line.split_whitespace().map(|t| t.trim_matches('"')).collect();
+                let after = |k: &str| toks.iter().position(|t| *t == k).and_then(|i| toks.get(i + 1)).copied();
+                let (Some(src), Some(dports), Some(comment)) = (after("-s"), after("--dports"), after("--comment")) else { continue };
+                let overlap = dports.split(',').filter_map(|p| p.parse::<u16>().ok()).any(|p| ports.contains(&p));
+                if !sources.iter().any(|s| s == src) || !overlap || comment == keep || !comment.starts_with(rmq_common::RULE_COMMENT_PREFIX) {
+                    continue;
+                }
+                if let Some(spec) = spec_of_line(&line) {
+                    b.delete_spec(f, table, chain, spec).map_err(|e| ipt_err(&format!("delete stale `{line}`"), e))?;
+                    log::warn(format!("{}: removed a stale rule of another container for a reused pod IP: {line}", f.iptables()));
+                    removed += 1;
+                }
+            }
+        }
+    }
+    Ok(removed)
+}
+
 /// ADD: shared plumbing (idempotent), then the pod's rules, then policy routing.
 pub fn add(node: &Node, pod: &PodCapture) -> Result<(), CniError> {
     // A retried ADD must not leave two copies.
     del(node, &pod.container_id)?;
+    let ips: Vec<IpAddr> = pod.targets.iter().map(|(ip, _)| *ip).collect();
+    purge_stale(node, &ips, &pod.ports, &pod.container_id)?;
     let mut journal = Vec::new();
     let r = add_journaled(node, pod, &mut journal);
     if let Err(e) = &r {
@@ -367,6 +401,25 @@ mod tests {
         assert_eq!(del(&node, "c1").unwrap(), 0);
         assert!(check(&node, &p).is_err());
         check(&node, &q).unwrap();
+    }
+
+    #[test]
+    fn add_purges_a_stale_rule_for_a_reused_ip_but_not_other_ports() {
+        let (b, r) = (Fake::with_builtins(), FakeRoutes::default());
+        let node = Node { backend: &b, routing: &r };
+        let old = pod("old", &["10.0.0.2"], Mode::Tproxy);
+        add(&node, &old).unwrap();
+        // Another capture of the same address on other ports (the benchmark's second proxy).
+        let mut other = pod("other-ports", &["10.0.0.2"], Mode::Tproxy);
+        other.ports = vec![20911];
+        add(&node, &other).unwrap();
+        let new = pod("new", &["10.0.0.2"], Mode::Redirect);
+        add(&node, &new).unwrap();
+        assert!(check(&node, &old).is_err(), "the stale rule survived");
+        check(&node, &other).unwrap();
+        check(&node, &new).unwrap();
+        assert_eq!(purge_stale(&node, &["10.0.0.2".parse().unwrap()], &[9876], "nobody").unwrap(), 1);
+        assert!(check(&node, &new).is_err());
     }
 
     #[test]

@@ -126,6 +126,12 @@ fn add(env: &Env, conf: &NetConf) -> Result<String, CniError> {
     env.checked_container_id()?;
     if conf.is_excluded(env.pod_namespace()) {
         log::info("namespace is excluded: passing the pod through uncaptured");
+        let ips = prev.pod_ips()?;
+        if !ips.is_empty() && our_chains_exist(conf) {
+            // Its IP may have been a captured pod's whose DEL never ran.
+            let id = env.checked_container_id()?;
+            with_node(conf, |node| capture::purge_stale(node, &ips, &conf.ports(), id))?;
+        }
         return Ok(passthrough(conf));
     }
     if prev.pod_ips()?.is_empty() {
@@ -140,6 +146,20 @@ fn add(env: &Env, conf: &NetConf) -> Result<String, CniError> {
         Ok(())
     })?;
     Ok(passthrough(conf))
+}
+
+/// Cheap pre-check so that excluded pods on a node without any capture yet (the agent's
+/// own pod, at first install) never wait on iptables.
+fn our_chains_exist(conf: &NetConf) -> bool {
+    let limit = conf.timeout();
+    let Ok(flavor) = backend::detect(conf.iptables_backend, limit) else { return false };
+    let Ok(xt) = Xtables::new(flavor, limit) else { return false };
+    use crate::backend::RuleBackend;
+    [crate::rules::Family::V4, crate::rules::Family::V6].iter().any(|f| {
+        [("mangle", rmq_common::CHAIN_TPROXY), ("nat", rmq_common::CHAIN_REDIRECT)]
+            .iter()
+            .any(|(t, c)| xt.chain_exists(*f, t, c).unwrap_or(false))
+    })
 }
 
 fn del(env: &Env, conf: &NetConf) -> Result<(), CniError> {
