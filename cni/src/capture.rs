@@ -91,9 +91,20 @@ fn route_err(what: &str, e: RouteError) -> CniError {
 /// DEL that never ran (the pod's IP is now someone else's). Removing them keeps a reused
 /// IP from inheriting a capture, e.g. when it now belongs to an excluded pod.
 pub fn purge_stale(node: &Node, ips: &[IpAddr], ports: &[u16], keep_container_id: &str) -> Result<usize, CniError> {
-    let b = node.backend;
     let keep = rules::pod_comment(keep_container_id);
     let sources: Vec<String> = ips.iter().map(|ip| format!("{ip}/{}", if ip.is_ipv4() { 32 } else { 128 })).collect();
+    delete_matching(node, "WARN", "removed a stale rule of another container for a reused pod IP", |line| {
+        let toks: Vec<&str> = line.split_whitespace().map(|t| t.trim_matches('"')).collect();
+        let after = |k: &str| toks.iter().position(|t| *t == k).and_then(|i| toks.get(i + 1)).copied();
+        let (Some(src), Some(dports), Some(comment)) = (after("-s"), after("--dports"), after("--comment")) else { return false };
+        let overlap = dports.split(',').filter_map(|p| p.parse::<u16>().ok()).any(|p| ports.contains(&p));
+        sources.iter().any(|s| s == src) && overlap && comment != keep && comment.starts_with(rmq_common::RULE_COMMENT_PREFIX)
+    })
+}
+
+/// Deletes every per-pod rule (both families, both pod chains) for which `pick` is true.
+fn delete_matching(node: &Node, level: &str, what: &str, pick: impl Fn(&str) -> bool) -> Result<usize, CniError> {
+    let b = node.backend;
     let mut removed = 0;
     for f in [Family::V4, Family::V6] {
         for (table, chain) in POD_CHAINS {
@@ -101,16 +112,12 @@ pub fn purge_stale(node: &Node, ips: &[IpAddr], ports: &[u16], keep_container_id
                 continue;
             }
             for line in b.list(f, table, chain).map_err(|e| ipt_err("list its rules", e))? {
-                let toks: Vec<&str> = line.split_whitespace().map(|t| t.trim_matches('"')).collect();
-                let after = |k: &str| toks.iter().position(|t| *t == k).and_then(|i| toks.get(i + 1)).copied();
-                let (Some(src), Some(dports), Some(comment)) = (after("-s"), after("--dports"), after("--comment")) else { continue };
-                let overlap = dports.split(',').filter_map(|p| p.parse::<u16>().ok()).any(|p| ports.contains(&p));
-                if !sources.iter().any(|s| s == src) || !overlap || comment == keep || !comment.starts_with(rmq_common::RULE_COMMENT_PREFIX) {
+                if !pick(&line) {
                     continue;
                 }
                 if let Some(spec) = spec_of_line(&line) {
-                    b.delete_spec(f, table, chain, spec).map_err(|e| ipt_err(&format!("delete stale `{line}`"), e))?;
-                    log::warn(format!("{}: removed a stale rule of another container for a reused pod IP: {line}", f.iptables()));
+                    b.delete_spec(f, table, chain, spec).map_err(|e| ipt_err(&format!("delete `{line}`"), e))?;
+                    log::write(level, &format!("{}: {what}: {line}", f.iptables()));
                     removed += 1;
                 }
             }
@@ -180,26 +187,7 @@ fn rollback(node: &Node, journal: Vec<Undo>) {
 /// Succeeds when nothing is there.
 pub fn del(node: &Node, container_id: &str) -> Result<usize, CniError> {
     let comment = rules::pod_comment(container_id);
-    let b = node.backend;
-    let mut removed = 0;
-    for f in [Family::V4, Family::V6] {
-        for (table, chain) in POD_CHAINS {
-            if !b.chain_exists(f, table, chain).map_err(|e| ipt_err("inspect its chains", e))? {
-                continue;
-            }
-            for line in b.list(f, table, chain).map_err(|e| ipt_err("list its rules", e))? {
-                if !line_has_comment(&line, &comment) {
-                    continue;
-                }
-                if let Some(spec) = spec_of_line(&line) {
-                    b.delete_spec(f, table, chain, spec).map_err(|e| ipt_err(&format!("delete `{line}`"), e))?;
-                    log::info(format!("{}: deleted {line}", f.iptables()));
-                    removed += 1;
-                }
-            }
-        }
-    }
-    Ok(removed)
+    delete_matching(node, "INFO", "deleted", |line| line_has_comment(line, &comment))
 }
 
 /// CHECK: the pod's rules, the shared plumbing and the policy routing are all in place,
