@@ -30,6 +30,7 @@ use crate::pop::policy::{ConvertPolicy, Decision};
 use crate::pop::receipt::{receipts_from_pop, renewed, Receipt};
 use crate::pop::route::{parse_route, Chooser};
 use crate::pop::session::{Renewal, SessionKey, Sessions};
+use crate::pop::requests::BitSetFormat;
 use crate::pop::{batch, requests};
 use crate::pop_native::NativePop;
 use crate::relay::{ConnHandle, Interceptor, Verdict, Watch};
@@ -98,6 +99,8 @@ pub struct Converter {
     /// Topics of route lookups awaiting their answer, by (connection, opaque).
     route_requests: Mutex<HashMap<(u64, i32), String>>,
     chooser: Mutex<Chooser>,
+    /// Per broker: the BATCH_ACK bit-set format it takes, None if none (single ACKs).
+    batch_formats: Mutex<HashMap<SocketAddr, Option<BitSetFormat>>>,
     native: Option<NativePop>,
     /// For spawning request handlers from `&self` trait methods.
     me: std::sync::Weak<Converter>,
@@ -116,6 +119,7 @@ impl Converter {
             broker_names: Default::default(),
             route_requests: Default::default(),
             chooser: Default::default(),
+            batch_formats: Default::default(),
             native,
             me: me.clone(),
         });
@@ -271,7 +275,8 @@ impl Converter {
         if !release.is_empty() || !acks.is_empty() {
             debug!(pod = %st.handle.pod, %group, %topic, queue = vq, offset = x, acked = acks.len(), released = release.len(), "PULL commits and re-pull releases");
         }
-        self.ack(st, &group, acks).await;
+        // The POP need not wait for the commit's ACKs: they are for other messages.
+        self.ack_later(st, &group, acks);
         self.release(st, &group, release);
 
         let (init_mode, exp_type, exp) = {
@@ -441,15 +446,90 @@ impl Converter {
         }
     }
 
+    /// ACKs `receipts` at the brokers that served them: one BATCH_ACK per broker where the
+    /// broker takes one (a single ACK_MESSAGE each would be one store write each), single
+    /// ACKs, sent concurrently, for the rest.
     async fn ack(&self, st: &Arc<ConnState>, group: &str, receipts: Vec<Receipt>) {
+        let mut by_broker: Vec<(SocketAddr, Vec<Receipt>)> = Vec::new();
         for r in receipts {
-            let opaque = self.brokers.opaque();
-            let (ah, ab) = requests::ack(opaque, group, &r);
-            match self.brokers.request(served_by(st, &r), ah, &ab, Duration::from_secs(5)).await {
-                Ok((rh, _)) if rh.code == 0 => self.metrics.pop("ack"),
-                Ok((rh, _)) => warn!(%group, code = rh.code, "ACK refused; the message may be delivered again"),
-                Err(e) => warn!(%group, error = %e, "ACK failed; the message may be delivered again"),
+            let addr = served_by(st, &r);
+            match by_broker.iter_mut().find(|(a, _)| *a == addr) {
+                Some((_, v)) => v.push(r),
+                None => by_broker.push((addr, vec![r])),
             }
+        }
+        let mut singles = tokio::task::JoinSet::new();
+        for (addr, rs) in by_broker {
+            let (batch, single): (Vec<Receipt>, Vec<Receipt>) = rs.into_iter().partition(|r| requests::batch_ackable(group, &r.broker_name, r));
+            let mut single = single;
+            if !batch.is_empty() {
+                if let Err(back) = self.batch_ack(addr, group, batch).await {
+                    single.extend(back);
+                }
+            }
+            for r in single {
+                let (brokers, metrics, group) = (self.brokers.clone(), self.metrics.clone(), group.to_string());
+                singles.spawn(async move {
+                    let (ah, ab) = requests::ack(brokers.opaque(), &group, &r);
+                    match brokers.request(addr, ah, &ab, Duration::from_secs(5)).await {
+                        Ok((rh, _)) if rh.code == 0 => metrics.pop("ack"),
+                        Ok((rh, _)) => warn!(%group, code = rh.code, "ACK refused; the message may be delivered again"),
+                        Err(e) => warn!(%group, error = %e, "ACK failed; the message may be delivered again"),
+                    }
+                });
+            }
+        }
+        while singles.join_next().await.is_some() {}
+    }
+
+    /// One BATCH_ACK to `addr`. Brokers disagree on how its bit sets are written (Java:
+    /// base64; rocketmq-rust: byte arrays) and old ones have no BATCH_ACK: the first
+    /// batch to a broker finds out, later ones use what worked. `Err` gives back the
+    /// receipts to ACK one by one.
+    async fn batch_ack(&self, addr: SocketAddr, group: &str, receipts: Vec<Receipt>) -> Result<(), Vec<Receipt>> {
+        let known = lock(&self.batch_formats).get(&addr).copied();
+        let tries = match known {
+            Some(Some(f)) => vec![f],
+            Some(None) => return Err(receipts),
+            None => vec![BitSetFormat::JavaBase64, BitSetFormat::RustByteArray],
+        };
+        let broker_name = receipts[0].broker_name.clone();
+        for f in tries {
+            let Ok((h, body)) = requests::batch_ack_with(self.brokers.opaque(), group, &broker_name, &receipts, f) else { return Err(receipts) };
+            match self.brokers.request(addr, h, &body, Duration::from_secs(5)).await {
+                Ok((rh, _)) if rh.code == 0 => {
+                    if known.is_none() {
+                        info!(broker = %addr, format = ?f, "broker takes BATCH_ACK; converted groups' commits use it");
+                        lock(&self.batch_formats).insert(addr, Some(f));
+                    }
+                    self.metrics.pop("batch_ack");
+                    self.metrics.pop_n("ack", receipts.len() as u64);
+                    return Ok(());
+                }
+                // Finding out the format: try the other one.
+                Ok((rh, _)) if known.is_none() => debug!(broker = %addr, format = ?f, code = rh.code, "BATCH_ACK refused in this bit-set format"),
+                Ok((rh, _)) => {
+                    warn!(broker = %addr, %group, code = rh.code, "BATCH_ACK refused; acknowledging one by one");
+                    return Err(receipts);
+                }
+                Err(e) => {
+                    warn!(broker = %addr, %group, error = %e, "BATCH_ACK failed; acknowledging one by one");
+                    return Err(receipts);
+                }
+            }
+        }
+        info!(broker = %addr, "broker takes no BATCH_ACK in either bit-set format; acknowledging one by one");
+        lock(&self.batch_formats).insert(addr, None);
+        Err(receipts)
+    }
+
+    fn ack_later(&self, st: &Arc<ConnState>, group: &str, receipts: Vec<Receipt>) {
+        if receipts.is_empty() {
+            return;
+        }
+        let (st, group) = (st.clone(), group.to_string());
+        if let Some(me) = self.me.upgrade() {
+            tokio::spawn(async move { me.ack(&st, &group, receipts).await });
         }
     }
 
@@ -504,13 +584,7 @@ impl Converter {
                 // The client may have committed or re-pulled while the renewal was in flight.
                 match lock(&st.sessions).replace(&key, offset, new) {
                     Renewal::Stored => {}
-                    Renewal::Ack(r) => {
-                        let st = st.clone();
-                        let group = key.group.clone();
-                        if let Some(me) = self.me.upgrade() {
-                            tokio::spawn(async move { me.ack(&st, &group, vec![r]).await });
-                        }
-                    }
+                    Renewal::Ack(r) => self.ack_later(&st, &key.group, vec![r]),
                     Renewal::Release(r) => self.release(&st, &key.group, vec![r]),
                 }
             }

@@ -89,7 +89,7 @@ impl Metrics {
         let pop_messages = Counter::default();
         let pending_receipts = Gauge::default();
         registry.register("pop_conversion_decisions", "Consumer groups converted to POP or relayed unconverted", conversions.clone());
-        registry.register("pop_requests", "Requests the agent sent for converted groups (pop, ack, change_invisible, renew, dlq), POPs served by another broker than the client addressed (pop_elsewhere, pop_failover), and POP responses of Pop-native clients recorded for ack routing (native_pop)", pop_requests.clone());
+        registry.register("pop_requests", "Requests the agent sent for converted groups (pop, ack = messages acknowledged by ACK_MESSAGE or in a batch_ack, batch_ack, change_invisible, renew, dlq), POPs served by another broker than the client addressed (pop_elsewhere, pop_failover), and POP responses of Pop-native clients recorded for ack routing (native_pop)", pop_requests.clone());
         registry.register("pop_messages", "Messages delivered to classic consumers through POP", pop_messages.clone());
         registry.register("pop_pending_receipts", "Popped messages not yet acknowledged", pending_receipts.clone());
         let pop_native_acks = Family::<KindResultLabels, Counter>::default();
@@ -134,6 +134,10 @@ impl Metrics {
 
     pub fn pop(&self, kind: &'static str) {
         self.pop_requests.get_or_create(&KindLabel { kind }).inc();
+    }
+
+    pub fn pop_n(&self, kind: &'static str, n: u64) {
+        self.pop_requests.get_or_create(&KindLabel { kind }).inc_by(n);
     }
 
     pub fn pop_native_ack(&self, kind: &'static str, result: &'static str, n: u64) {
