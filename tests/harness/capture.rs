@@ -27,6 +27,8 @@ pub struct Wire {
     pub requests: BTreeMap<i64, u64>,
     /// Responses by (request code, response code).
     pub responses: BTreeMap<(i64, i64), u64>,
+    /// Messages acknowledged by BATCH_ACK_MESSAGE requests the broker answered 0.
+    pub batch_acked_messages: u64,
 }
 
 impl Wire {
@@ -90,8 +92,12 @@ fn parse_summary(text: &str) -> Wire {
     let field = |l: &str, k: &str| l.split_whitespace().find_map(|x| x.strip_prefix(k)).and_then(|v| v.parse::<i64>().ok());
     let mut section = "";
     for l in text.lines() {
-        if l.starts_with("REQUESTS") || l.starts_with("RESPONSES") {
-            section = if l.starts_with("REQUESTS") { "req" } else { "resp" };
+        if l.starts_with("REQUESTS") || l.starts_with("RESPONSES") || l.starts_with("BATCH_ACK") {
+            section = if l.starts_with("REQUESTS") { "req" } else if l.starts_with("RESPONSES") { "resp" } else { "batch" };
+            continue;
+        }
+        if section == "batch" && l.contains("batch_ack_acked") {
+            w.batch_acked_messages += field(l, "messages=").unwrap_or(0) as u64;
             continue;
         }
         let Some(n) = field(l, "n=") else { continue };
@@ -117,8 +123,10 @@ mod tests {
     #[test]
     fn reads_the_summary() {
         let w = super::parse_summary(
-            "REQUESTS (server_port, ...) -> count\n  port=10911 code=200050  POP_MESSAGE  ser=JSON lang=JAVA ver=401  oneway=False n=7 \n  port=10911 code=200050  POP_MESSAGE  ser=JSON lang=JAVA ver=453  oneway=False n=2 \nRESPONSES (...)\n  port=10911 req=200051  ACK_MESSAGE   resp_code=0    n=5\n",
+            "REQUESTS (server_port, ...) -> count\n  port=10911 code=200050  POP_MESSAGE  ser=JSON lang=JAVA ver=401  oneway=False n=7 \n  port=10911 code=200050  POP_MESSAGE  ser=JSON lang=JAVA ver=453  oneway=False n=2 \nRESPONSES (...)\n  port=10911 req=200051  ACK_MESSAGE   resp_code=0    n=5\n\
+             BATCH_ACK MESSAGES (...)\n  port=10911 batch_ack_acked messages=40\n  port=10911 batch_ack_refused messages=3\n",
         );
         assert_eq!((w.requests(200050), w.responses(200051, 0), w.responses(200051, 1)), (9, 5, 0));
+        assert_eq!(w.batch_acked_messages, 40);
     }
 }
