@@ -610,6 +610,8 @@ impl Interceptor for Converter {
             return v;
         }
         match h.code {
+            // Nothing to decide when nothing is converted (ack routing alone).
+            code::HEART_BEAT | code::LOCK_BATCH_MQ if self.cfg.policy == ConvertPolicy::None => Verdict::Forward,
             code::HEART_BEAT | code::LOCK_BATCH_MQ => Verdict::Inspect,
             code::GET_ROUTEINFO_BY_TOPIC => {
                 // The answer does not name the topic; remember it for the chooser.

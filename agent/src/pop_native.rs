@@ -287,3 +287,71 @@ fn kind(code: i32) -> &'static str {
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::addr::{OrigDst, PodAddr};
+    use crate::socket::{CaptureMode, KernelSockets};
+
+    fn native() -> (NativePop, Arc<Metrics>) {
+        let sockets = Arc::new(KernelSockets { mode: CaptureMode::Tproxy, mark: 0, keepalive: Duration::from_secs(30) });
+        let metrics = Arc::new(Metrics::new());
+        (NativePop::new(Arc::new(BrokerClients::new(sockets, Limits::default(), Duration::from_secs(1))), metrics.clone(), Limits::default()), metrics)
+    }
+
+    fn conn(id: u64, dst: &str) -> ConnHandle {
+        ConnHandle::for_test(id, PodAddr::new("10.200.1.2:5000".parse().unwrap()), OrigDst::new(dst.parse().unwrap())).0
+    }
+
+    fn header(code: i32, opaque: i32, flag: i32, ext: &[(&str, &str)]) -> Header {
+        let mut h = Header::response(code, opaque, None);
+        h.flag = flag;
+        h.ext_fields = ext.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        h
+    }
+
+    fn acks(m: &Metrics, kind: &'static str, result: &'static str) -> u64 {
+        m.pop_native_acks.get_or_create(&crate::metrics::KindResultLabels { kind, result }).get()
+    }
+
+    #[test]
+    fn acknowledgements_follow_the_broker_that_served_the_pop() {
+        let (n, m) = native();
+        let (a, b) = (conn(1, "10.0.0.1:10911"), conn(2, "10.0.0.2:10911"));
+        // A POP relayed to broker a; its answer records the route before the client sees it.
+        let pop = header(code::POP_MESSAGE, 7, 0, &[("consumerGroup", "g"), ("topic", "T")]);
+        assert!(matches!(n.client_request(&a, &pop), Some(Verdict::Forward)));
+        assert!(NativePop::watches(code::POP_MESSAGE));
+        n.response_header(&a, &header(0, 7, 1, &[("popTime", "1000"), ("invisibleTime", "60000"), ("reviveQid", "1"), ("startOffsetInfo", "0 1 7")]));
+        assert_eq!(n.routes(), 1);
+
+        let ack = |extra: &str| header(code::ACK_MESSAGE, 9, 0, &[("consumerGroup", "g"), ("topic", "T"), ("queueId", "1"), ("extraInfo", extra), ("offset", "8")]);
+        // On its own broker's connection: relayed. On the other broker's: taken for rerouting.
+        assert!(matches!(n.client_request(&a, &ack("7 1000 60000 1 0 bk 1 8")), Some(Verdict::Forward)));
+        assert!(matches!(n.client_request(&b, &ack("7 1000 60000 1 0 bk 1 8")), Some(Verdict::Take)));
+        // A pop nobody recorded, or a handle that does not parse: relayed as sent.
+        assert!(matches!(n.client_request(&b, &ack("7 1001 60000 1 0 bk 1 8")), Some(Verdict::Forward)));
+        assert!(matches!(n.client_request(&b, &ack("junk")), Some(Verdict::Forward)));
+        assert_eq!((acks(&m, "ack", "direct"), acks(&m, "ack", "unknown")), (1, 2));
+        // BATCH_ACK routes are in the body: always read whole. Other codes are not ours.
+        assert!(matches!(n.client_request(&a, &header(code::BATCH_ACK_MESSAGE, 3, 0, &[])), Some(Verdict::Take)));
+        assert!(n.client_request(&a, &header(code::PULL_MESSAGE, 3, 0, &[])).is_none());
+
+        // CHANGE_INVISIBLETIME on broker a: the new handle (ck = its offset, the answer's popTime)
+        // is served by a too.
+        let cit = header(code::CHANGE_MESSAGE_INVISIBLETIME, 11, 0, &[("consumerGroup", "g"), ("topic", "T"), ("queueId", "1"), ("extraInfo", "7 1000 60000 1 0 bk 1 8"), ("offset", "8"), ("invisibleTime", "5000")]);
+        assert!(matches!(n.client_request(&a, &cit), Some(Verdict::Forward)));
+        n.response_header(&a, &header(0, 11, 1, &[("popTime", "2000"), ("invisibleTime", "5000"), ("reviveQid", "1")]));
+        assert!(matches!(n.client_request(&b, &ack("8 2000 5000 1 0 bk 1 8")), Some(Verdict::Take)));
+        assert_eq!(acks(&m, "change_invisible", "direct"), 1);
+
+        // A failed POP records nothing; a closed connection forgets its unanswered requests.
+        assert!(matches!(n.client_request(&a, &header(code::POP_MESSAGE, 12, 0, &[("consumerGroup", "g"), ("topic", "T")])), Some(Verdict::Forward)));
+        n.response_header(&a, &header(210, 12, 1, &[]));
+        assert!(matches!(n.client_request(&a, &header(code::POP_MESSAGE, 13, 0, &[("consumerGroup", "g"), ("topic", "T")])), Some(Verdict::Forward)));
+        n.closed(&a);
+        n.response_header(&a, &header(0, 13, 1, &[("popTime", "3000"), ("invisibleTime", "60000"), ("startOffsetInfo", "0 0 1")]));
+        assert_eq!(n.routes(), 2);
+    }
+}
