@@ -19,6 +19,9 @@ use crate::logging::LogLevelHandle;
 use crate::metrics::Metrics;
 use crate::state::{now_ms, ConvertedGroupView, ListenerView, Registry, StateDump};
 
+/// Pull→Pop groups and the Pop-native ack-routing table size, read at dump time.
+pub type PopView = Box<dyn Fn() -> (Vec<ConvertedGroupView>, u64) + Send + Sync>;
+
 pub struct AdminState {
     pub metrics: Arc<Metrics>,
     pub registry: Arc<Registry>,
@@ -31,7 +34,7 @@ pub struct AdminState {
     pub started_ms: u64,
     pub listeners: std::sync::Mutex<Vec<ListenerView>>,
     /// Pull→Pop state for the dump, when conversion is on.
-    pub converted: std::sync::OnceLock<Box<dyn Fn() -> Vec<ConvertedGroupView> + Send + Sync>>,
+    pub converted: std::sync::OnceLock<PopView>,
     /// Closes both admin listeners (an agent that handed over must not answer probes
     /// that SO_REUSEPORT would otherwise share with its successor).
     pub stop: tokio::sync::Notify,
@@ -59,6 +62,7 @@ impl AdminState {
     }
 
     pub fn dump(&self) -> StateDump {
+        let (converted_groups, pop_ack_routes) = self.converted.get().map(|f| f()).unwrap_or_default();
         StateDump {
             pid: std::process::id(),
             version: env!("CARGO_PKG_VERSION").to_string(),
@@ -69,7 +73,8 @@ impl AdminState {
             draining: self.draining.load(Ordering::Relaxed),
             listeners: self.listeners.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             connections: self.registry.connections(),
-            converted_groups: self.converted.get().map(|f| f()).unwrap_or_default(),
+            converted_groups,
+            pop_ack_routes,
         }
     }
 }

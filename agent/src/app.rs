@@ -72,7 +72,8 @@ async fn serve(cfg: Config, log_level: Option<LogLevelHandle>, workers: usize) -
         .with_context(|| format!("cannot bind the hand-off socket {}", cfg.handoff_socket.display()))?;
 
     let limits = Limits { max_frame: cfg.max_frame, ..Limits::default() };
-    let interceptor: Option<Arc<dyn crate::relay::Interceptor>> = if cfg.convert.policy == ConvertPolicy::None {
+    // Pop-native ack routing needs the interceptor even when nothing is converted.
+    let interceptor: Option<Arc<dyn crate::relay::Interceptor>> = if cfg.convert.policy == ConvertPolicy::None && !cfg.convert.ack_routing {
         None
     } else {
         let brokers = Arc::new(BrokerClients::new(sockets.clone(), limits, cfg.connect_timeout));
@@ -82,9 +83,17 @@ async fn serve(cfg: Config, log_level: Option<LogLevelHandle>, workers: usize) -
         let _ = admin.converted.set(Box::new(move || {
             let groups = view.pending();
             gauge.pending_receipts.set(groups.iter().map(|g| g.2 as i64).sum());
-            groups.into_iter().map(|(group, topic, pending_receipts)| ConvertedGroupView { group, topic, pending_receipts }).collect()
+            let routes = view.ack_routes();
+            gauge.pop_ack_routes.set(routes as i64);
+            let groups = groups.into_iter().map(|(group, topic, pending_receipts)| ConvertedGroupView { group, topic, pending_receipts }).collect();
+            (groups, routes as u64)
         }));
-        info!(policy = ?cfg.convert.policy, invisible_ms = cfg.convert.invisible.as_millis() as u64, "Pull→Pop conversion on");
+        if cfg.convert.policy != ConvertPolicy::None {
+            info!(policy = ?cfg.convert.policy, invisible_ms = cfg.convert.invisible.as_millis() as u64, "Pull→Pop conversion on");
+        }
+        if cfg.convert.ack_routing {
+            info!("Pop-native acknowledgements are routed to the broker that served the pop");
+        }
         Some(converter)
     };
     let (migrate_tx, migrate_rx) = watch::channel(false);

@@ -70,6 +70,11 @@ pub struct RunArgs {
     /// Fixed delay before a sent-back message comes again (0 = the broker's delay levels).
     #[arg(long, env = "RMQ_AGENT_POP_RETRY_DELAY_MS", default_value_t = 0)]
     pub pop_retry_delay_ms: u64,
+    /// Route Pop-native clients' ACK / BATCH_ACK / CHANGE_INVISIBLETIME to the broker that served
+    /// the pop, when they arrive on a connection to another broker (`on` or `off`).
+    #[arg(long, env = "RMQ_AGENT_POP_ACK_ROUTING", default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]
+    #[serde(deserialize_with = "de_on_off", default = "default_on")]
+    pub pop_ack_routing: bool,
     /// Name servers whose reachability gates /readyz (empty: ready once listening).
     #[arg(long, env = "RMQ_AGENT_READY_NAMESRV", value_delimiter = ',')]
     #[serde(default)]
@@ -96,6 +101,10 @@ pub struct RunArgs {
     #[arg(long, env = "RMQ_AGENT_CONFIG")]
     #[serde(skip)]
     pub config: Option<PathBuf>,
+}
+
+fn default_on() -> bool {
+    true
 }
 
 fn parse_on_off(s: &str) -> Result<bool, String> {
@@ -199,6 +208,7 @@ impl RunArgs {
                 release: Duration::from_millis(self.pop_release_ms),
                 max_reconsume: (self.pop_max_reconsume > 0).then_some(self.pop_max_reconsume),
                 retry_delay: (self.pop_retry_delay_ms > 0).then(|| Duration::from_millis(self.pop_retry_delay_ms)),
+                ack_routing: self.pop_ack_routing,
             },
             ready_namesrv: self.ready_namesrv,
             log_format: self.log_format,
@@ -259,6 +269,17 @@ mod tests {
         }
         std::fs::write(&f, "access-log = \"loud\"\n").unwrap();
         assert!(resolve(&["--config", f.to_str().unwrap()]).is_err());
+    }
+
+    #[test]
+    fn pop_ack_routing_is_on_unless_turned_off() {
+        assert!(resolve(&[]).unwrap().convert.ack_routing);
+        assert!(!resolve(&["--pop-ack-routing", "off"]).unwrap().convert.ack_routing);
+        let dir = std::env::temp_dir().join(format!("rmq-agent-cfg-ar-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("agent.toml");
+        std::fs::write(&f, "pop-ack-routing = \"off\"\n").unwrap();
+        assert!(!resolve(&["--config", f.to_str().unwrap()]).unwrap().convert.ack_routing);
     }
 
     #[test]

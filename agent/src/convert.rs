@@ -6,6 +6,12 @@
 //!
 //! Only groups the policy selects, that are clustering push consumers, and
 //! that never sent LOCK_BATCH_MQ are converted; everything else is relayed.
+//! Clients that speak POP themselves are relayed too, with their
+//! acknowledgements routed to the broker that served the pop (`pop_native`).
+//!
+//! A converted PULL's POP may go to any readable broker of the topic
+//! (`pop::route::Chooser`): receipts remember the broker that served them, and
+//! every ACK, CHANGE_INVISIBLETIME and dead-letter move goes there.
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -14,7 +20,7 @@ use std::time::Duration;
 
 use tracing::{debug, info, warn};
 
-use crate::broker_client::BrokerClients;
+use crate::broker_client::{BrokerClients, BrokerError};
 use crate::codec::code;
 use crate::codec::header::Header;
 use crate::codec::{decode_frame, encode_frame, Limits};
@@ -22,9 +28,12 @@ use crate::metrics::Metrics;
 use crate::pop::heartbeat::{parse_heartbeat, ConsumerData};
 use crate::pop::policy::{ConvertPolicy, Decision};
 use crate::pop::receipt::{receipts_from_pop, renewed, Receipt};
+use crate::pop::route::{parse_route, Chooser};
 use crate::pop::session::{Renewal, SessionKey, Sessions};
+use crate::pop::requests::BitSetFormat;
 use crate::pop::{batch, requests};
-use crate::relay::{ConnHandle, Interceptor, Verdict};
+use crate::pop_native::NativePop;
+use crate::relay::{ConnHandle, Interceptor, Verdict, Watch};
 use crate::state::now_ms;
 
 #[derive(Debug, Clone)]
@@ -41,6 +50,8 @@ pub struct ConvertConfig {
     /// Fixed delay before a message the client sent back comes again; None = the
     /// broker's delay levels.
     pub retry_delay: Option<Duration>,
+    /// Route Pop-native clients' acknowledgements to the broker that served the pop.
+    pub ack_routing: bool,
 }
 
 /// Response codes of POP that mean "nothing to deliver now".
@@ -56,6 +67,8 @@ const LIVENESS_MS: u64 = 15_000;
 /// Renew receipts this close to becoming visible again.
 const RENEW_MARGIN_MS: i64 = 10_000;
 const RENEW_EVERY: Duration = Duration::from_secs(5);
+/// A broker that failed a POP (no connection, no answer) is passed over this long.
+const BROKER_DOWN_MS: u64 = 30_000;
 
 struct GroupState {
     consumer: ConsumerData,
@@ -83,12 +96,19 @@ pub struct Converter {
     orderly: Mutex<HashSet<String>>,
     /// Broker address → broker name, learned from route responses relayed to pods.
     broker_names: Mutex<HashMap<SocketAddr, String>>,
+    /// Topics of route lookups awaiting their answer, by (connection, opaque).
+    route_requests: Mutex<HashMap<(u64, i32), String>>,
+    chooser: Mutex<Chooser>,
+    /// Per broker: the BATCH_ACK bit-set format it takes, None if none (single ACKs).
+    batch_formats: Mutex<HashMap<SocketAddr, Option<BitSetFormat>>>,
+    native: Option<NativePop>,
     /// For spawning request handlers from `&self` trait methods.
     me: std::sync::Weak<Converter>,
 }
 
 impl Converter {
     pub fn new(cfg: ConvertConfig, brokers: Arc<BrokerClients>, metrics: Arc<Metrics>, limits: Limits) -> Arc<Self> {
+        let native = cfg.ack_routing.then(|| NativePop::new(brokers.clone(), metrics.clone(), limits));
         let c = Arc::new_cyclic(|me| Converter {
             cfg,
             brokers,
@@ -97,6 +117,10 @@ impl Converter {
             conns: Default::default(),
             orderly: Default::default(),
             broker_names: Default::default(),
+            route_requests: Default::default(),
+            chooser: Default::default(),
+            batch_formats: Default::default(),
+            native,
             me: me.clone(),
         });
         tokio::spawn(renew_loop(Arc::downgrade(&c)));
@@ -177,9 +201,16 @@ impl Converter {
         }
     }
 
-    fn on_route(&self, body: &[u8]) {
-        for (addr, name) in route_brokers(body) {
-            lock(&self.broker_names).insert(addr, name);
+    /// Entries in the Pop-native ack-routing table.
+    pub fn ack_routes(&self) -> usize {
+        self.native.as_ref().map_or(0, |n| n.routes())
+    }
+
+    fn on_route(&self, topic: Option<String>, body: &[u8]) {
+        let route = parse_route(body);
+        lock(&self.broker_names).extend(route.names);
+        if let Some(t) = topic {
+            lock(&self.chooser).learn(&t, route.masters);
         }
     }
 
@@ -244,14 +275,10 @@ impl Converter {
         if !release.is_empty() || !acks.is_empty() {
             debug!(pod = %st.handle.pod, %group, %topic, queue = vq, offset = x, acked = acks.len(), released = release.len(), "PULL commits and re-pull releases");
         }
-        self.ack(st, &group, acks).await;
+        // The POP need not wait for the commit's ACKs: they are for other messages.
+        self.ack_later(st, &group, acks);
         self.release(st, &group, release);
 
-        let Some(broker_name) = self.broker_name(st.handle.dst.0) else {
-            warn!(broker = %st.handle.dst, "broker name not learned yet (no route lookup seen through the agent); the client retries");
-            let (rh, body) = requests::system_busy(h.opaque, "rmq-agent: broker name unknown yet, retry");
-            return self.reply(st, rh, &body);
-        };
         let (init_mode, exp_type, exp) = {
             let groups = lock(&st.groups);
             let g = groups.get(&group);
@@ -265,18 +292,52 @@ impl Converter {
         // Long-poll on the broker for as long as the client suspends, less a
         // margin so the answer beats the client's own RPC timeout.
         let poll_ms = if sys_flag & 0x2 != 0 { (suspend - 1000).clamp(0, 20_000) } else { 0 };
-        let opaque = self.brokers.opaque();
-        let (ph, pbody) = requests::pop(opaque, &group, &topic, -1, max, self.cfg.invisible.as_millis() as i64, poll_ms, now_ms() as i64, init_mode, &exp_type, &exp);
-        self.metrics.pop("pop");
-        let res = self.brokers.request(st.handle.dst.0, ph, &pbody, Duration::from_millis(poll_ms as u64 + 5000)).await;
-        let (rh, mut body) = match res {
-            Ok(r) => r,
-            Err(e) => {
-                warn!(pod = %st.handle.pod, %group, %topic, error = %e, "POP failed; the client retries its PULL");
-                let (rh, b) = requests::system_busy(h.opaque, &format!("rmq-agent: {e}"));
-                return self.reply(st, rh, &b);
+        // Any readable broker of the topic can serve this PULL: the least busy one
+        // that is up, preferring the one the client addressed.
+        let preferred = st.handle.dst.0;
+        let mut addr = lock(&self.chooser).pick(&topic, preferred, now_ms());
+        let mut tried = Vec::new();
+        let (rh, mut body, broker_name) = loop {
+            tried.push(addr);
+            let Some(broker_name) = self.broker_name(addr) else {
+                warn!(broker = %addr, "broker name not learned yet (no route lookup seen through the agent); the client retries");
+                let (rh, body) = requests::system_busy(h.opaque, "rmq-agent: broker name unknown yet, retry");
+                return self.reply(st, rh, &body);
+            };
+            let opaque = self.brokers.opaque();
+            let (ph, pbody) = requests::pop(opaque, &group, &topic, -1, max, self.cfg.invisible.as_millis() as i64, poll_ms, now_ms() as i64, init_mode, &exp_type, &exp);
+            self.metrics.pop("pop");
+            lock(&self.chooser).started(addr);
+            let res = self.brokers.request(addr, ph, &pbody, Duration::from_millis(poll_ms as u64 + 5000)).await;
+            lock(&self.chooser).finished(addr);
+            match res {
+                Ok((rh, body)) => {
+                    lock(&self.chooser).mark_up(addr);
+                    break (rh, body, broker_name);
+                }
+                Err(e) => {
+                    lock(&self.chooser).mark_down(addr, now_ms(), BROKER_DOWN_MS);
+                    // Refused or dropped at once: another broker can still answer in time.
+                    let fast = matches!(e, BrokerError::Connect { .. } | BrokerError::Closed(_));
+                    let next = if fast { lock(&self.chooser).another(&topic, &tried, now_ms()) } else { None };
+                    warn!(pod = %st.handle.pod, %group, %topic, broker = %addr, error = %e, next = ?next, "POP failed; the broker is passed over for a while");
+                    match next {
+                        Some(n) => {
+                            self.metrics.pop("pop_failover");
+                            addr = n;
+                        }
+                        None => {
+                            let (rh, b) = requests::system_busy(h.opaque, &format!("rmq-agent: {e}"));
+                            return self.reply(st, rh, &b);
+                        }
+                    }
+                }
             }
         };
+        if addr != preferred {
+            self.metrics.pop("pop_elsewhere");
+            debug!(pod = %st.handle.pod, %group, %topic, addressed = %preferred, served_by = %addr, "PULL served by another broker of the topic");
+        }
         match rh.code {
             0 => {}
             code::PULL_NOT_FOUND | POLLING_TIMEOUT | NO_MESSAGE => {
@@ -301,7 +362,10 @@ impl Converter {
                 return self.reply(st, rh2, &b);
             }
         };
-        let (msgs, receipts): (Vec<_>, Vec<_>) = popped.into_iter().unzip();
+        let (msgs, mut receipts): (Vec<_>, Vec<_>) = popped.into_iter().unzip();
+        for r in receipts.iter_mut() {
+            r.broker_addr = Some(addr);
+        }
         // A newer PULL for this queue, or a closed connection, means nobody
         // will ever see these: release them instead of delivering.
         if st.closed.load(Ordering::Relaxed) {
@@ -345,7 +409,7 @@ impl Converter {
             // Pop revive has no dead-letter queue: move it there like a classic send-back, then ACK.
             let opaque = self.brokers.opaque();
             let (dh, db) = requests::send_msg_back_to_dlq(opaque, &group, &r, max_reconsume);
-            let res = self.brokers.request(st.handle.dst.0, dh, &db, Duration::from_secs(5)).await;
+            let res = self.brokers.request(served_by(st, &r), dh, &db, Duration::from_secs(5)).await;
             let code = res.as_ref().map(|(rh, _)| rh.code).unwrap_or(code::SYSTEM_ERROR);
             if code == 0 {
                 self.metrics.pop("dlq");
@@ -382,15 +446,90 @@ impl Converter {
         }
     }
 
+    /// ACKs `receipts` at the brokers that served them: one BATCH_ACK per broker where the
+    /// broker takes one (a single ACK_MESSAGE each would be one store write each), single
+    /// ACKs, sent concurrently, for the rest.
     async fn ack(&self, st: &Arc<ConnState>, group: &str, receipts: Vec<Receipt>) {
+        let mut by_broker: Vec<(SocketAddr, Vec<Receipt>)> = Vec::new();
         for r in receipts {
-            let opaque = self.brokers.opaque();
-            let (ah, ab) = requests::ack(opaque, group, &r);
-            match self.brokers.request(st.handle.dst.0, ah, &ab, Duration::from_secs(5)).await {
-                Ok((rh, _)) if rh.code == 0 => self.metrics.pop("ack"),
-                Ok((rh, _)) => warn!(%group, code = rh.code, "ACK refused; the message may be delivered again"),
-                Err(e) => warn!(%group, error = %e, "ACK failed; the message may be delivered again"),
+            let addr = served_by(st, &r);
+            match by_broker.iter_mut().find(|(a, _)| *a == addr) {
+                Some((_, v)) => v.push(r),
+                None => by_broker.push((addr, vec![r])),
             }
+        }
+        let mut singles = tokio::task::JoinSet::new();
+        for (addr, rs) in by_broker {
+            let (batch, single): (Vec<Receipt>, Vec<Receipt>) = rs.into_iter().partition(|r| requests::batch_ackable(group, &r.broker_name, r));
+            let mut single = single;
+            if !batch.is_empty() {
+                if let Err(back) = self.batch_ack(addr, group, batch).await {
+                    single.extend(back);
+                }
+            }
+            for r in single {
+                let (brokers, metrics, group) = (self.brokers.clone(), self.metrics.clone(), group.to_string());
+                singles.spawn(async move {
+                    let (ah, ab) = requests::ack(brokers.opaque(), &group, &r);
+                    match brokers.request(addr, ah, &ab, Duration::from_secs(5)).await {
+                        Ok((rh, _)) if rh.code == 0 => metrics.pop("ack"),
+                        Ok((rh, _)) => warn!(%group, code = rh.code, "ACK refused; the message may be delivered again"),
+                        Err(e) => warn!(%group, error = %e, "ACK failed; the message may be delivered again"),
+                    }
+                });
+            }
+        }
+        while singles.join_next().await.is_some() {}
+    }
+
+    /// One BATCH_ACK to `addr`. Brokers disagree on how its bit sets are written (Java:
+    /// base64; rocketmq-rust: byte arrays) and old ones have no BATCH_ACK: the first
+    /// batch to a broker finds out, later ones use what worked. `Err` gives back the
+    /// receipts to ACK one by one.
+    async fn batch_ack(&self, addr: SocketAddr, group: &str, receipts: Vec<Receipt>) -> Result<(), Vec<Receipt>> {
+        let known = lock(&self.batch_formats).get(&addr).copied();
+        let tries = match known {
+            Some(Some(f)) => vec![f],
+            Some(None) => return Err(receipts),
+            None => vec![BitSetFormat::JavaBase64, BitSetFormat::RustByteArray],
+        };
+        let broker_name = receipts[0].broker_name.clone();
+        for f in tries {
+            let Ok((h, body)) = requests::batch_ack_with(self.brokers.opaque(), group, &broker_name, &receipts, f) else { return Err(receipts) };
+            match self.brokers.request(addr, h, &body, Duration::from_secs(5)).await {
+                Ok((rh, _)) if rh.code == 0 => {
+                    if known.is_none() {
+                        info!(broker = %addr, format = ?f, "broker takes BATCH_ACK; converted groups' commits use it");
+                        lock(&self.batch_formats).insert(addr, Some(f));
+                    }
+                    self.metrics.pop("batch_ack");
+                    self.metrics.pop_n("ack", receipts.len() as u64);
+                    return Ok(());
+                }
+                // Finding out the format: try the other one.
+                Ok((rh, _)) if known.is_none() => debug!(broker = %addr, format = ?f, code = rh.code, "BATCH_ACK refused in this bit-set format"),
+                Ok((rh, _)) => {
+                    warn!(broker = %addr, %group, code = rh.code, "BATCH_ACK refused; acknowledging one by one");
+                    return Err(receipts);
+                }
+                Err(e) => {
+                    warn!(broker = %addr, %group, error = %e, "BATCH_ACK failed; acknowledging one by one");
+                    return Err(receipts);
+                }
+            }
+        }
+        info!(broker = %addr, "broker takes no BATCH_ACK in either bit-set format; acknowledging one by one");
+        lock(&self.batch_formats).insert(addr, None);
+        Err(receipts)
+    }
+
+    fn ack_later(&self, st: &Arc<ConnState>, group: &str, receipts: Vec<Receipt>) {
+        if receipts.is_empty() {
+            return;
+        }
+        let (st, group) = (st.clone(), group.to_string());
+        if let Some(me) = self.me.upgrade() {
+            tokio::spawn(async move { me.ack(&st, &group, receipts).await });
         }
     }
 
@@ -402,7 +541,7 @@ impl Converter {
 
     /// Fire-and-forget CHANGE_INVISIBLETIME (release, retry delay).
     fn change_invisible(&self, st: &Arc<ConnState>, group: &str, r: Receipt, after: Duration) {
-        let (brokers, addr, group, metrics) = (self.brokers.clone(), st.handle.dst.0, group.to_string(), self.metrics.clone());
+        let (brokers, addr, group, metrics) = (self.brokers.clone(), served_by(st, &r), group.to_string(), self.metrics.clone());
         tokio::spawn(async move {
             let (ch, cb) = requests::change_invisible(brokers.opaque(), &group, &r, after.as_millis() as i64);
             match brokers.request(addr, ch, &cb, Duration::from_secs(5)).await {
@@ -427,7 +566,7 @@ impl Converter {
             for (key, offset, r) in due {
                 let opaque = self.brokers.opaque();
                 let (ch, cb) = requests::change_invisible(opaque, &key.group, &r, self.cfg.invisible.as_millis() as i64);
-                let res = self.brokers.request(st.handle.dst.0, ch, &cb, Duration::from_secs(5)).await;
+                let res = self.brokers.request(served_by(&st, &r), ch, &cb, Duration::from_secs(5)).await;
                 let new = match res {
                     Ok((rh, _)) => renewed(&r, &rh).map_err(|e| e.to_string()),
                     Err(e) => Err(e.to_string()),
@@ -445,13 +584,7 @@ impl Converter {
                 // The client may have committed or re-pulled while the renewal was in flight.
                 match lock(&st.sessions).replace(&key, offset, new) {
                     Renewal::Stored => {}
-                    Renewal::Ack(r) => {
-                        let st = st.clone();
-                        let group = key.group.clone();
-                        if let Some(me) = self.me.upgrade() {
-                            tokio::spawn(async move { me.ack(&st, &group, vec![r]).await });
-                        }
-                    }
+                    Renewal::Ack(r) => self.ack_later(&st, &key.group, vec![r]),
                     Renewal::Release(r) => self.release(&st, &key.group, vec![r]),
                 }
             }
@@ -473,8 +606,23 @@ impl Interceptor for Converter {
         if let Some(st) = self.existing(conn) {
             st.last_request_ms.store(now_ms(), Ordering::Relaxed);
         }
+        if let Some(v) = self.native.as_ref().and_then(|n| n.client_request(conn, h)) {
+            return v;
+        }
         match h.code {
+            // Nothing to decide when nothing is converted (ack routing alone).
+            code::HEART_BEAT | code::LOCK_BATCH_MQ if self.cfg.policy == ConvertPolicy::None => Verdict::Forward,
             code::HEART_BEAT | code::LOCK_BATCH_MQ => Verdict::Inspect,
+            code::GET_ROUTEINFO_BY_TOPIC => {
+                // The answer does not name the topic; remember it for the chooser.
+                if let Some(t) = h.ext("topic") {
+                    let mut pending = lock(&self.route_requests);
+                    if pending.len() < 65_536 {
+                        pending.insert((conn.id, h.opaque), t.to_string());
+                    }
+                }
+                Verdict::Forward
+            }
             code::PULL_MESSAGE | code::QUERY_CONSUMER_OFFSET | code::UPDATE_CONSUMER_OFFSET | code::GET_CONSUMER_LIST_BY_GROUP => {
                 match h.ext("consumerGroup") {
                     Some(g) if self.converted(conn, g) => Verdict::Take,
@@ -497,22 +645,47 @@ impl Interceptor for Converter {
         }
     }
 
-    fn inspect_response(&self, _conn: &ConnHandle, request_code: i32) -> bool {
-        request_code == code::GET_ROUTEINFO_BY_TOPIC
+    fn watch_response(&self, _conn: &ConnHandle, request_code: i32) -> Watch {
+        match request_code {
+            code::GET_ROUTEINFO_BY_TOPIC => Watch::Frame,
+            c if self.native.is_some() && NativePop::watches(c) => Watch::Header,
+            _ => Watch::Ignore,
+        }
+    }
+
+    fn response_header(&self, conn: &ConnHandle, _request_code: i32, header: &Header) {
+        if let Some(n) = &self.native {
+            n.response_header(conn, header);
+        }
     }
 
     fn taken(&self, conn: &ConnHandle, header: Header, frame: Vec<u8>) {
-        let st = self.state(conn);
-        if let Some(me) = self.me.upgrade() {
-            tokio::spawn(me.handle(st, header, frame));
+        let Some(me) = self.me.upgrade() else { return };
+        if matches!(header.code, code::ACK_MESSAGE | code::CHANGE_MESSAGE_INVISIBLETIME | code::BATCH_ACK_MESSAGE) {
+            let conn = conn.clone();
+            tokio::spawn(async move {
+                if let Some(n) = &me.native {
+                    n.taken(conn, header, frame, |a| me.broker_name(a)).await;
+                }
+            });
+            return;
         }
+        let st = self.state(conn);
+        tokio::spawn(me.handle(st, header, frame));
     }
 
     fn inspected(&self, conn: &ConnHandle, header: Header, frame: Vec<u8>) {
         let Ok((h, body)) = decode_frame(&frame, &self.limits) else { return };
         let body = &frame[body];
+        if h.is_response() {
+            // Only route answers are inspected.
+            let topic = lock(&self.route_requests).remove(&(conn.id, h.opaque));
+            if h.code == 0 {
+                self.on_route(topic, body);
+            }
+            return;
+        }
         match (h.is_response(), header.code) {
-            (true, 0) => self.on_route(body),
             (false, code::HEART_BEAT) => self.on_heartbeat(conn, body),
             (false, code::LOCK_BATCH_MQ) => self.on_lock(body),
             _ => {}
@@ -520,6 +693,10 @@ impl Interceptor for Converter {
     }
 
     fn closed(&self, conn: &ConnHandle) {
+        if let Some(n) = &self.native {
+            n.closed(conn);
+        }
+        lock(&self.route_requests).retain(|(id, _), _| *id != conn.id);
         let Some(st) = lock(&self.conns).remove(&conn.id) else { return };
         st.closed.store(true, Ordering::Relaxed);
         // The client is gone: everything it held goes back to the others now,
@@ -547,64 +724,9 @@ fn retry_delay(level: i32, reconsume_times: i32) -> Duration {
     Duration::from_secs(LEVELS_S[i])
 }
 
-/// Broker addresses and names in a TopicRouteData body (fastjson may leave
-/// numeric map keys unquoted).
-fn route_brokers(body: &[u8]) -> Vec<(SocketAddr, String)> {
-    let text = String::from_utf8_lossy(body);
-    let quoted = quote_numeric_keys(&text);
-    let Ok(v) = serde_json::from_str::<serde_json::Value>(&quoted) else { return Vec::new() };
-    let mut out = Vec::new();
-    for bd in v.get("brokerDatas").and_then(|b| b.as_array()).into_iter().flatten() {
-        let Some(name) = bd.get("brokerName").and_then(|n| n.as_str()) else { continue };
-        for addr in bd.get("brokerAddrs").and_then(|a| a.as_object()).into_iter().flat_map(|m| m.values()) {
-            if let Some(a) = addr.as_str().and_then(|a| a.parse::<SocketAddr>().ok()) {
-                out.push((a, name.to_string()));
-                // Old SDKs use the VIP channel (port - 2) for the same broker.
-                out.push((SocketAddr::new(a.ip(), a.port().saturating_sub(2)), name.to_string()));
-            }
-        }
-    }
-    out
-}
-
-fn quote_numeric_keys(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 16);
-    let b = s.as_bytes();
-    let mut i = 0;
-    let mut in_str = false;
-    while i < b.len() {
-        let c = b[i] as char;
-        if in_str {
-            out.push(c);
-            if c == '\\' && i + 1 < b.len() {
-                out.push(b[i + 1] as char);
-                i += 1;
-            } else if c == '"' {
-                in_str = false;
-            }
-        } else if c == '"' {
-            in_str = true;
-            out.push(c);
-        } else if (c == '{' || c == ',') && i + 1 < b.len() && (b[i + 1].is_ascii_digit() || b[i + 1] == b'-') {
-            let mut j = i + 1;
-            while j < b.len() && (b[j].is_ascii_digit() || b[j] == b'-') {
-                j += 1;
-            }
-            if j < b.len() && b[j] == b':' {
-                out.push(c);
-                out.push('"');
-                out.push_str(&s[i + 1..j]);
-                out.push('"');
-                i = j;
-                continue;
-            }
-            out.push(c);
-        } else {
-            out.push(c);
-        }
-        i += 1;
-    }
-    out
+/// Where a receipt's requests go: the broker that served its pop.
+fn served_by(st: &ConnState, r: &Receipt) -> SocketAddr {
+    r.broker_addr.unwrap_or(st.handle.dst.0)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -614,16 +736,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn route_names_brokers_with_bare_numeric_keys() {
-        let body = br#"{"brokerDatas":[{"brokerName":"broker-a","brokerAddrs":{0:"10.200.2.2:10911"},"cluster":"c"}],"queueDatas":[]}"#;
-        let got = route_brokers(body);
-        assert!(got.contains(&("10.200.2.2:10911".parse().unwrap(), "broker-a".into())));
-        assert!(got.contains(&("10.200.2.2:10909".parse().unwrap(), "broker-a".into())));
-        let body = br#"{"brokerDatas":[{"brokerName":"b","brokerAddrs":{"0":"[fd00::2]:10911"}}]}"#;
-        assert_eq!(route_brokers(body)[0], ("[fd00::2]:10911".parse().unwrap(), "b".into()));
-    }
 
     #[test]
     fn retry_delays_follow_the_broker_levels() {

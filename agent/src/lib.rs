@@ -15,6 +15,7 @@ pub mod logging;
 pub mod metrics;
 pub mod policy;
 pub mod pop;
+pub mod pop_native;
 pub mod relay;
 pub mod socket;
 pub mod state;

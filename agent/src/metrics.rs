@@ -40,6 +40,12 @@ pub struct KindLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindResultLabels {
+    pub kind: &'static str,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DirLabel {
     pub dir: &'static str,
 }
@@ -56,6 +62,9 @@ pub struct Metrics {
     pub pop_requests: Family<KindLabel, Counter>,
     pub pop_messages: Counter,
     pub pending_receipts: Gauge,
+    /// Pop-native clients: acknowledgements by routing result, and the routing table size.
+    pub pop_native_acks: Family<KindResultLabels, Counter>,
+    pub pop_ack_routes: Gauge,
     registry: Registry,
 }
 
@@ -80,10 +89,33 @@ impl Metrics {
         let pop_messages = Counter::default();
         let pending_receipts = Gauge::default();
         registry.register("pop_conversion_decisions", "Consumer groups converted to POP or relayed unconverted", conversions.clone());
-        registry.register("pop_requests", "Requests the agent sent for converted groups (pop, ack, change_invisible, renew, dlq)", pop_requests.clone());
+        registry.register("pop_requests", "Requests the agent sent for converted groups (pop, ack = messages acknowledged by ACK_MESSAGE or in a batch_ack, batch_ack, change_invisible, renew, dlq), POPs served by another broker than the client addressed (pop_elsewhere, pop_failover), and POP responses of Pop-native clients recorded for ack routing (native_pop)", pop_requests.clone());
         registry.register("pop_messages", "Messages delivered to classic consumers through POP", pop_messages.clone());
         registry.register("pop_pending_receipts", "Popped messages not yet acknowledged", pending_receipts.clone());
-        Metrics { connections, connections_active, requests, frame_errors, bytes, latency, conversions, pop_requests, pop_messages, pending_receipts, registry }
+        let pop_native_acks = Family::<KindResultLabels, Counter>::default();
+        let pop_ack_routes = Gauge::default();
+        registry.register(
+            "pop_native_acks",
+            "Messages acknowledged (ack) or given a new invisible time (change_invisible) by Pop-native clients, by where they went: \
+             direct (their connection leads to the broker that served the pop), rerouted (sent there by the agent), unknown (no route known; relayed as sent), reroute_failed",
+            pop_native_acks.clone(),
+        );
+        registry.register("pop_ack_routes", "Pops of Pop-native clients whose serving broker the agent remembers", pop_ack_routes.clone());
+        Metrics {
+            connections,
+            connections_active,
+            requests,
+            frame_errors,
+            bytes,
+            latency,
+            conversions,
+            pop_requests,
+            pop_messages,
+            pending_receipts,
+            pop_native_acks,
+            pop_ack_routes,
+            registry,
+        }
     }
 
     pub fn connection(&self, result: &'static str) {
@@ -102,6 +134,16 @@ impl Metrics {
 
     pub fn pop(&self, kind: &'static str) {
         self.pop_requests.get_or_create(&KindLabel { kind }).inc();
+    }
+
+    pub fn pop_n(&self, kind: &'static str, n: u64) {
+        self.pop_requests.get_or_create(&KindLabel { kind }).inc_by(n);
+    }
+
+    pub fn pop_native_ack(&self, kind: &'static str, result: &'static str, n: u64) {
+        if n > 0 {
+            self.pop_native_acks.get_or_create(&KindResultLabels { kind, result }).inc_by(n);
+        }
     }
 
     pub fn pop_messages(&self, n: u64) {

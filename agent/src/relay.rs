@@ -65,13 +65,26 @@ pub enum Verdict {
     Answer(Vec<u8>),
 }
 
+/// How much of the broker's response to a client request an interceptor wants to see;
+/// the response itself is always forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Watch {
+    Ignore,
+    /// Its header, via [`Interceptor::response_header`], before any of it is forwarded
+    /// (so state it creates exists before the client can act on the response).
+    Header,
+    /// A copy of the whole frame, via [`Interceptor::inspected`], once complete.
+    Frame,
+}
+
 /// A feature that handles some frames itself instead of relaying them.
 pub trait Interceptor: Send + Sync + 'static {
     fn client_request(&self, conn: &ConnHandle, header: &Header) -> Verdict;
     fn broker_request(&self, conn: &ConnHandle, header: &Header) -> Verdict;
-    /// Whether to copy the broker's response to a client request
-    /// (`request_code`) to [`Interceptor::inspected`]; it is always forwarded.
-    fn inspect_response(&self, conn: &ConnHandle, request_code: i32) -> bool;
+    /// What to see of the broker's response to a client request (`request_code`).
+    fn watch_response(&self, conn: &ConnHandle, request_code: i32) -> Watch;
+    /// The header of a response watched with [`Watch::Header`].
+    fn response_header(&self, conn: &ConnHandle, request_code: i32, header: &Header);
     /// A frame taken with [`Verdict::Take`], complete (prefix, header and body).
     fn taken(&self, conn: &ConnHandle, header: Header, frame: Vec<u8>);
     /// A copy of a frame forwarded with [`Verdict::Inspect`], complete.
@@ -88,6 +101,7 @@ pub struct ConnHandle {
     pub pod: PodAddr,
     pub dst: OrigDst,
     to_client: mpsc::UnboundedSender<Vec<u8>>,
+    to_broker: mpsc::UnboundedSender<Vec<u8>>,
 }
 
 impl ConnHandle {
@@ -95,6 +109,20 @@ impl ConnHandle {
     /// boundary of the broker's stream. False once the connection is gone.
     pub fn send_to_client(&self, frame: Vec<u8>) -> bool {
         self.to_client.send(frame).is_ok()
+    }
+
+    /// Queues a whole frame for this connection's broker (e.g. a taken request
+    /// that turned out to need no special handling); written at the next frame
+    /// boundary of the client's stream. False once the connection is gone.
+    pub fn send_to_broker(&self, frame: Vec<u8>) -> bool {
+        self.to_broker.send(frame).is_ok()
+    }
+
+    #[cfg(test)]
+    pub fn for_test(id: u64, pod: PodAddr, dst: OrigDst) -> (Self, mpsc::UnboundedReceiver<Vec<u8>>, mpsc::UnboundedReceiver<Vec<u8>>) {
+        let (to_client, c) = mpsc::unbounded_channel();
+        let (to_broker, b) = mpsc::unbounded_channel();
+        (ConnHandle { id, pod, dst, to_client, to_broker }, c, b)
     }
 }
 
@@ -210,7 +238,8 @@ async fn run(ctx: Arc<ProxyCtx>, client: TcpStream, upstream: TcpStream, pod: Po
     ctx.metrics.connections_active.inc();
     let registration = ctx.registry.register(pod, dst);
     let (to_client, injections) = mpsc::unbounded_channel();
-    let handle = ConnHandle { id: IDS.fetch_add(1, Ordering::Relaxed), pod, dst, to_client };
+    let (to_broker, up_injections) = mpsc::unbounded_channel();
+    let handle = ConnHandle { id: IDS.fetch_add(1, Ordering::Relaxed), pod, dst, to_client, to_broker };
     let conn = Conn {
         ctx: &ctx,
         pod,
@@ -222,7 +251,7 @@ async fn run(ctx: Arc<ProxyCtx>, client: TcpStream, upstream: TcpStream, pod: Po
         broker_reqs: Default::default(),
         requests: AtomicU64::new(0),
     };
-    let end = conn.relay(&client, &upstream, up, down, injections).await;
+    let end = conn.relay(&client, &upstream, up, down, up_injections, injections).await;
     if let Some(i) = &ctx.interceptor {
         i.closed(&conn.handle);
     }
@@ -281,9 +310,17 @@ struct Conn<'a> {
 }
 
 impl Conn<'_> {
-    async fn relay(&self, client: &TcpStream, broker: &TcpStream, up: Carry, down: Carry, injections: mpsc::UnboundedReceiver<Vec<u8>>) -> RelayEnd {
-        let up = self.pump(client, broker, Side::Client, up, None);
-        let down = self.pump(broker, client, Side::Broker, down, Some(injections));
+    async fn relay(
+        &self,
+        client: &TcpStream,
+        broker: &TcpStream,
+        up: Carry,
+        down: Carry,
+        up_injections: mpsc::UnboundedReceiver<Vec<u8>>,
+        down_injections: mpsc::UnboundedReceiver<Vec<u8>>,
+    ) -> RelayEnd {
+        let up = self.pump(client, broker, Side::Client, up, Some(up_injections));
+        let down = self.pump(broker, client, Side::Broker, down, Some(down_injections));
         tokio::pin!(up, down);
         let (first, result) = tokio::select! {
             r = &mut up => (Side::Client, r),
@@ -368,8 +405,9 @@ impl Conn<'_> {
 
     /// Copies `from` → `to`, validating every frame header on the way and
     /// forwarding only bytes that belong to validated frames; frames an
-    /// interceptor takes or drops are withheld. The pump toward the client
-    /// also writes injected frames (agent answers), only at frame boundaries.
+    /// interceptor takes or drops are withheld. Each pump also writes frames
+    /// the interceptor injects (answers to the client, requests it gives back
+    /// to the broker), only at frame boundaries of its own stream.
     /// Returns the byte count on a clean EOF at a frame boundary.
     async fn pump(
         &self,
@@ -545,8 +583,12 @@ impl Conn<'_> {
         if h.is_response() {
             if let (Some(i), Side::Broker) = (&self.ctx.interceptor, side) {
                 let code = self.client_reqs.lock().unwrap_or_else(|p| p.into_inner()).0.get(&h.opaque).map(|r| r.0);
-                if code.is_some_and(|c| i.inspect_response(&self.handle, c)) {
-                    return Verdict::Inspect;
+                if let Some(c) = code {
+                    match i.watch_response(&self.handle, c) {
+                        Watch::Ignore => {}
+                        Watch::Header => i.response_header(&self.handle, c, h),
+                        Watch::Frame => return Verdict::Inspect,
+                    }
                 }
             }
             return Verdict::Forward;

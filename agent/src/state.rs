@@ -119,6 +119,9 @@ pub struct StateDump {
     pub connections: Vec<ConnectionView>,
     /// Pull→Pop conversion state; empty until conversion is enabled.
     pub converted_groups: Vec<ConvertedGroupView>,
+    /// Pops of Pop-native clients whose serving broker is remembered for ack routing.
+    #[serde(default)]
+    pub pop_ack_routes: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

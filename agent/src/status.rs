@@ -140,6 +140,7 @@ fn table(d: &StateDump) -> String {
             o += &format!("  {} / {}  pending receipts {}\n", g.group, g.topic, g.pending_receipts);
         }
     }
+    o += &format!("Pop-native ack routes remembered: {}\n", d.pop_ack_routes);
     o
 }
 
@@ -211,8 +212,10 @@ mod tests {
             listeners: vec![],
             connections: vec![conn("10.200.1.2:4000", &["g1"])],
             converted_groups: vec![],
+            pop_ack_routes: 7,
         };
         let t = table(&d);
+        assert!(t.contains("ack routes remembered: 7"), "{t}");
         assert!(t.contains("generation 2") && t.contains("ready") && t.contains("up 1m1s"), "{t}");
         assert!(t.contains("10.200.1.2:4000") && t.contains("CPP/63") && t.contains("SEND_MESSAGE=3") && t.contains("2.0KiB"), "{t}");
     }

@@ -128,3 +128,29 @@ fn pull_found_responses_walk_and_match_our_header_shape() {
         }
     }
 }
+
+#[test]
+fn pop_native_ack_routes_cover_every_handle_of_a_real_pop() {
+    use rmq_agent::pop::ackroute::{key_from_request, keys_from_pop, AckRoutes};
+    let served_by: std::net::SocketAddr = "10.200.2.2:10911".parse().unwrap();
+    // The capture's ACK and CHANGE_INVISIBLETIME of the normal pop find its route.
+    let (resp, _) = frame("pop_response_normal");
+    let (keys, invisible) = keys_from_pop("pop_fix_g", "PopFixTopic", &resp).unwrap();
+    let mut routes = AckRoutes::new();
+    for k in keys {
+        routes.insert(k, served_by, 0, invisible);
+    }
+    for name in ["pop_ack_request", "pop_change_invisible_request"] {
+        let (req, _) = frame(name);
+        assert_eq!(routes.lookup(&key_from_request(&req).unwrap(), 1), Some(served_by), "{name}");
+    }
+    // Every handle a client builds from the mixed pop (fresh and revived, with the broker's
+    // 9-field POP_CK) maps to one of its routes.
+    let (resp, body) = frame("pop_response_mixed");
+    let (keys, _) = keys_from_pop("pop_mix_g", "PopMixTopic", &resp).unwrap();
+    for (_, r) in receipts_from_pop(&resp, &body, "broker-a", "PopMixTopic").unwrap() {
+        let (ack, _) = requests::ack(1, "pop_mix_g", &r);
+        let k = key_from_request(&ack).unwrap();
+        assert!(keys.contains(&k), "handle {} ({k:?}) not among {keys:?}", r.extra_info);
+    }
+}

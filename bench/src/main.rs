@@ -5,6 +5,10 @@
 //!   rmq-bench throughput --to ADDR --frame-bytes N --seconds S [--rate-mbps R]
 //!   rmq-bench latency --to ADDR --count N
 //!   rmq-bench idle --to ADDR --conns N --hold-secs S
+//!   rmq-bench produce --to BROKER --topic T --queues Q --count N [--body-bytes B] [--prefix P] [--window W]
+//!
+//! `produce` fills a topic on a real broker for `scripts/bench consume`: SEND_MESSAGE
+//! frames, pipelined (at most W unanswered), bodies `<P> i=<i> ` padded to B bytes.
 //!
 //! Frames are real remoting frames (length, header mark, JSON header, body).
 //! The peer answers every request with a response carrying the same opaque:
@@ -158,6 +162,59 @@ fn throughput(to: SocketAddr, frame_bytes: usize, seconds: f64, rate_mbps: Optio
     Ok(())
 }
 
+/// SEND_MESSAGE (code 10) the way the SDKs here send it: JSON header, v1 ext fields.
+fn send_frame(opaque: i32, topic: &str, queue: u32, i: u64, body: &[u8]) -> Vec<u8> {
+    // Brokers may order sends per (producer group, topic, queue): spread over a few groups.
+    let lane = i % 16;
+    let born = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+    let h = format!(
+        r#"{{"code":10,"extFields":{{"producerGroup":"rmq_bench_pg{lane}","topic":"{topic}","defaultTopic":"TBW102","defaultTopicQueueNums":"4","queueId":"{queue}","sysFlag":"0","bornTimestamp":"{born}","flag":"0","properties":"KEYS\u0001k{i}\u0002TAGS\u0001TagA\u0002WAIT\u0001true\u0002","reconsumeTimes":"0","unitMode":"false","batch":"false"}},"flag":0,"language":"JAVA","opaque":{opaque},"serializeTypeCurrentRPC":"JSON","version":401}}"#
+    );
+    let mut out = Vec::with_capacity(8 + h.len() + body.len());
+    out.extend_from_slice(&((4 + h.len() + body.len()) as i32).to_be_bytes());
+    out.extend_from_slice(&(h.len() as i32).to_be_bytes());
+    out.extend_from_slice(h.as_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
+fn produce(to: SocketAddr, topic: &str, queues: u32, count: u64, body_bytes: usize, prefix: &str, window: u64) -> Result<()> {
+    let s = connect(to)?;
+    let mut w = s.try_clone()?;
+    let answered = Arc::new(AtomicU64::new(0));
+    let reader = {
+        let answered = answered.clone();
+        let mut r = BufReader::new(s);
+        std::thread::spawn(move || -> Result<u64> {
+            let mut scratch = Vec::new();
+            let mut failed = 0;
+            while answered.load(Ordering::Relaxed) < count {
+                let (code, _, _) = read_frame(&mut r, &mut scratch)?;
+                failed += u64::from(code != 0);
+                answered.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(failed)
+        })
+    };
+    let t0 = Instant::now();
+    for i in 0..count {
+        // Never more than `window` unanswered: the broker's own flow control stays out of it.
+        while i >= answered.load(Ordering::Relaxed) + window {
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        let mut body = format!("{prefix} i={i} ").into_bytes();
+        body.resize(body.len().max(body_bytes), b'x');
+        w.write_all(&send_frame(i as i32, topic, (i % u64::from(queues.max(1))) as u32, i, &body))?;
+    }
+    let failed = reader.join().map_err(|_| anyhow::anyhow!("reader panicked"))??;
+    let secs = t0.elapsed().as_secs_f64();
+    println!("{{\"sent\":{count},\"failed\":{failed},\"seconds\":{secs:.3},\"per_s\":{:.0}}}", count as f64 / secs);
+    if failed > 0 {
+        bail!("{failed} of {count} sends failed");
+    }
+    Ok(())
+}
+
 fn latency(to: SocketAddr, count: usize) -> Result<()> {
     let mut s = connect(to)?;
     let mut r = BufReader::new(s.try_clone()?);
@@ -235,6 +292,15 @@ fn main() -> Result<()> {
         Some("throughput") => throughput(to()?, num("--frame-bytes", 1048576.0) as usize, num("--seconds", 5.0), get("--rate-mbps").and_then(|v| v.parse().ok())),
         Some("latency") => latency(to()?, num("--count", 5000.0) as usize),
         Some("idle") => idle(to()?, num("--conns", 1000.0) as usize, num("--hold-secs", 5.0)),
-        _ => bail!("usage: rmq-bench peer|throughput|latency|idle (see the source header)"),
+        Some("produce") => produce(
+            to()?,
+            &get("--topic").context("--topic T")?,
+            num("--queues", 4.0) as u32,
+            num("--count", 10000.0) as u64,
+            num("--body-bytes", 100.0) as usize,
+            &get("--prefix").unwrap_or_else(|| "bench".into()),
+            num("--window", 256.0) as u64,
+        ),
+        _ => bail!("usage: rmq-bench peer|throughput|latency|idle|produce (see the source header)"),
     }
 }

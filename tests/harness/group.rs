@@ -158,6 +158,21 @@ pub fn create_topic(brk: &Netns, broker: SocketAddr, topic: &str, queues: u32) -
     Ok(())
 }
 
+/// SET_MESSAGE_REQUEST_MODE on `broker` (what `mqadmin setConsumeMode` sends): with `POP`,
+/// RocketMQ-5-style push consumers of `group` (the Rust SDK in `--mode pop`) consume `topic`
+/// there with POP_MESSAGE and acknowledge with (BATCH_)ACK_MESSAGE.
+pub fn set_consume_mode(brk: &Netns, broker: SocketAddr, topic: &str, group: &str, mode: &str) -> Result<()> {
+    let out = brk
+        .command("python3")
+        .arg(repo_root().join("tests/peers/tools/rmq_cli.py"))
+        .args(["set-mode", &broker.to_string(), topic, group, mode])
+        .output()?;
+    if !out.status.success() {
+        bail!("set-mode failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
 /// What a group of consumers received of the bodies starting with `prefix`.
 pub struct GroupReport {
     pub per_consumer: BTreeMap<String, usize>,

@@ -9,6 +9,7 @@
 //! Each test file starts with [`sandboxed_test_binary!`]`()`.
 
 pub mod agent;
+pub mod capture;
 pub mod cni;
 pub mod frames;
 pub mod group;

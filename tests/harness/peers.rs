@@ -37,6 +37,8 @@ pub fn require_installed(rel: &str) -> Result<PathBuf> {
 pub struct Peers<'lab> {
     lab: &'lab Lab,
     bind_ip: IpAddr,
+    /// The name server its broker registers with (its own unless started by `start_broker`).
+    namesrv: SocketAddr,
     data_dir: PathBuf,
     stopped: bool,
 }
@@ -49,16 +51,29 @@ impl<'lab> Peers<'lab> {
 
     /// Starts name server + broker in `<prefix>-brk`, bound to (and advertising) `bind_ip`.
     pub fn start_on(lab: &'lab Lab, bind_ip: IpAddr) -> Result<Peers<'lab>> {
+        let tag = if bind_ip.is_ipv6() { "v6" } else { "v4" };
+        Self::launch(lab, bind_ip, None, &format!("peers-{tag}"), &[])
+    }
+
+    /// Starts only a broker named `name` in `<prefix>-brk`, bound to `bind_ip` (e.g. the lab's
+    /// second broker address), registered with `namesrv` (a running name server): a second
+    /// broker of the same cluster.
+    pub fn start_broker(lab: &'lab Lab, bind_ip: IpAddr, name: &str, namesrv: SocketAddr) -> Result<Peers<'lab>> {
+        Self::launch(lab, bind_ip, Some(namesrv), &format!("broker-{name}"), &[format!("BROKER_NAME={name}"), format!("NAMESRV={namesrv}")])
+    }
+
+    fn launch(lab: &'lab Lab, bind_ip: IpAddr, namesrv: Option<SocketAddr>, dir: &str, env: &[String]) -> Result<Peers<'lab>> {
         require_installed("bin/rocketmq-namesrv-rust-compat")?;
         require_installed("bin/rocketmq-broker-rust-compat")?;
-        let tag = if bind_ip.is_ipv6() { "v6" } else { "v4" };
-        let data_dir = lab.workdir().join(format!("peers-{tag}"));
-        let mut peers = Peers { lab, bind_ip, data_dir, stopped: false };
+        let data_dir = lab.workdir().join(dir);
+        let namesrv = namesrv.unwrap_or(SocketAddr::new(bind_ip, NAMESRV_PORT));
+        let mut peers = Peers { lab, bind_ip, namesrv, data_dir, stopped: false };
         let out = lab
             .brk()
             .command("env")
             .arg(format!("BIND_IP={bind_ip}"))
             .arg(format!("RMQ_PEERS_HOME={}", peers_home().display()))
+            .args(env)
             .arg(repo_root().join("tests/peers/start.sh"))
             .args([NAMESRV_PORT.to_string(), BROKER_PORT.to_string()])
             .arg(&peers.data_dir)
@@ -72,7 +87,7 @@ impl<'lab> Peers<'lab> {
     }
 
     pub fn namesrv(&self) -> SocketAddr {
-        SocketAddr::new(self.bind_ip, NAMESRV_PORT)
+        self.namesrv
     }
 
     pub fn broker(&self) -> SocketAddr {
@@ -81,6 +96,12 @@ impl<'lab> Peers<'lab> {
 
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
+    }
+
+    /// The broker's PID (from start.sh's PID file), e.g. to freeze it.
+    pub fn broker_pid(&self) -> Result<i32> {
+        let f = self.data_dir.join("broker.pid");
+        std::fs::read_to_string(&f).with_context(|| format!("read {}", f.display()))?.trim().parse().context("broker.pid")
     }
 
     pub fn broker_log(&self) -> Result<String> {

@@ -14,6 +14,8 @@
 #        and are checked on. The e2e lab runs them in the broker netns with
 #        `ip netns exec <prefix>-brk env BIND_IP=10.200.2.2 ... start.sh 9876 10911 DIR`.
 #      BROKER_NAME (default broker-a), CLUSTER (DefaultCluster), KEEP_DATA=1,
+#      NAMESRV=host:port: start only a broker, registered with that running name server
+#        (a second broker of the same cluster; NAMESRV_PORT is then ignored),
 #      RUST_LOG (default info), EXTRA_BROKER_TOML (appended to [broker]),
 #      EXTRA_STORE_TOML (appended to [store]),
 #      FLAVOR=compat|pristine (default: compat when installed): which binaries to run:
@@ -45,7 +47,10 @@ done
 # host:port, with brackets for an IPv6 address
 hostport() { case "$1" in *:*) echo "[$1]:$2" ;; *) echo "$1:$2" ;; esac; }
 port_busy() { (exec 3<>"/dev/tcp/$BIND_IP/$1") 2>/dev/null; }
-for p in "$NS_PORT" "$BR_PORT" $((BR_PORT-2)) $((BR_PORT+1)); do
+OWN_NS=1; [ -n "${NAMESRV:-}" ] && OWN_NS=0
+NS_ADDR=${NAMESRV:-$(hostport "$BIND_IP" "$NS_PORT")}
+PORTS="$BR_PORT $((BR_PORT-2)) $((BR_PORT+1))"; [ $OWN_NS = 1 ] && PORTS="$NS_PORT $PORTS"
+for p in $PORTS; do
   if port_busy "$p"; then echo "port $p on $BIND_IP is already in use" >&2; exit 1; fi
 done
 
@@ -60,7 +65,7 @@ TOML
 
 cat > "$DATA/broker.toml" <<TOML
 [broker]
-namesrvAddr = "$(hostport "$BIND_IP" "$NS_PORT")"
+namesrvAddr = "$NS_ADDR"
 brokerIp1 = "$BIND_IP"
 brokerIp2 = "$BIND_IP"
 listenPort = $BR_PORT
@@ -93,11 +98,13 @@ export ROCKETMQ_HOME="$DATA/home"
 export RUST_LOG=${RUST_LOG:-info}
 unset NAMESRV_ADDR
 
-( cd "$DATA" && exec setsid "$NAMESRV_BIN" -c "$DATA/namesrv.toml" --listenPort "$NS_PORT" \
-  --bindAddress "$BIND_IP" >"$DATA/namesrv.log" 2>&1 < /dev/null ) &
-echo $! > "$DATA/namesrv.pid"
-for i in $(seq 1 100); do port_busy "$NS_PORT" && break; sleep 0.2; done
-port_busy "$NS_PORT" || { echo "namesrv did not open port $NS_PORT; see $DATA/namesrv.log" >&2; tail -20 "$DATA/namesrv.log" >&2; exit 1; }
+if [ $OWN_NS = 1 ]; then
+  ( cd "$DATA" && exec setsid "$NAMESRV_BIN" -c "$DATA/namesrv.toml" --listenPort "$NS_PORT" \
+    --bindAddress "$BIND_IP" >"$DATA/namesrv.log" 2>&1 < /dev/null ) &
+  echo $! > "$DATA/namesrv.pid"
+  for i in $(seq 1 100); do port_busy "$NS_PORT" && break; sleep 0.2; done
+  port_busy "$NS_PORT" || { echo "namesrv did not open port $NS_PORT; see $DATA/namesrv.log" >&2; tail -20 "$DATA/namesrv.log" >&2; exit 1; }
+fi
 
 # exec: the background subshell must become the broker itself, or it would keep
 # our stdout open (and its PID would not be the broker's).
@@ -105,11 +112,12 @@ port_busy "$NS_PORT" || { echo "namesrv did not open port $NS_PORT; see $DATA/na
 echo $! > "$DATA/broker.pid"
 for i in $(seq 1 150); do port_busy "$BR_PORT" && break; sleep 0.2; done
 port_busy "$BR_PORT" || { echo "broker did not open port $BR_PORT; see $DATA/broker.log" >&2; tail -30 "$DATA/broker.log" >&2; exit 1; }
-# Ready = the name server knows the broker.
-if ! $PY "$HERE/tools/rmq_cli.py" wait-ready "$(hostport "$BIND_IP" "$NS_PORT")" 60 >"$DATA/ready.json"; then
+# Ready = the name server knows this broker.
+if ! $PY "$HERE/tools/rmq_cli.py" wait-ready "$NS_ADDR" 60 "$BROKER_NAME" >"$DATA/ready.json"; then
   echo "broker never registered with the name server; see $DATA/broker.log" >&2; tail -30 "$DATA/broker.log" >&2; exit 1
 fi
-echo "namesrv pid=$(cat "$DATA/namesrv.pid") addr=$(hostport "$BIND_IP" "$NS_PORT") log=$DATA/namesrv.log"
+if [ $OWN_NS = 1 ]; then echo "namesrv pid=$(cat "$DATA/namesrv.pid") addr=$NS_ADDR log=$DATA/namesrv.log"
+else echo "namesrv (not ours) addr=$NS_ADDR"; fi
 echo "broker  pid=$(cat "$DATA/broker.pid") addr=$(hostport "$BIND_IP" "$BR_PORT") log=$DATA/broker.log registered=$(cat "$DATA/ready.json")"
 echo "flavor=$FLAVOR namesrv_bin=$NAMESRV_BIN broker_bin=$BROKER_BIN"
 echo "data=$DATA"

@@ -15,6 +15,9 @@ pub const RETRY_PREFIX: &str = "%RETRY%";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Receipt {
     pub broker_name: String,
+    /// The address that served the pop; ACK, CHANGE_INVISIBLETIME and DLQ moves go there.
+    /// None until the caller that sent the POP records it.
+    pub broker_addr: Option<std::net::SocketAddr>,
     /// The topic it was popped from as the agent asked for it (`%RETRY%group` included), or the
     /// actual retry topic if the body names one. Revived messages (retry_flag "1"/"2") popped
     /// via a normal topic were really taken from the pop-retry topic: see [`Receipt::ack_topic`].
@@ -269,6 +272,7 @@ pub fn receipts_from_pop(
         };
         let r = Receipt {
             broker_name: info.broker_name.clone(),
+            broker_addr: None,
             topic,
             original_topic: popped_topic.to_owned(),
             queue_id: info.queue_id,
@@ -399,6 +403,7 @@ mod tests {
     fn renewal_builds_new_handle() {
         let r = Receipt {
             broker_name: "bk".into(),
+            broker_addr: None,
             topic: "T".into(),
             original_topic: "T".into(),
             queue_id: 0,

@@ -264,6 +264,7 @@ mod tests {
     fn rc(qid: i32, ck: i64, off: i64, pt: i64, topic: &str, rf: &str) -> Receipt {
         Receipt {
             broker_name: "bk".into(),
+            broker_addr: None,
             topic: topic.into(),
             original_topic: "T".into(),
             queue_id: qid,

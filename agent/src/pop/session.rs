@@ -418,6 +418,7 @@ mod tests {
     fn rc(id: i64) -> Receipt {
         Receipt {
             broker_name: "bk".into(),
+            broker_addr: None,
             topic: "T".into(),
             original_topic: "T".into(),
             queue_id: (id % 4) as i32,

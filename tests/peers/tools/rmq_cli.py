@@ -12,7 +12,8 @@ Usage (all addresses host:port):
   rmq_cli.py pull    BROKER TOPIC GROUP QID OFFSET PULL_MESSAGE (11), no suspend
   rmq_cli.py offset  BROKER TOPIC GROUP QID        QUERY_CONSUMER_OFFSET (14)
   rmq_cli.py popcheck BROKER TOPIC GROUP N [BROKER_NAME]  full POP scenario, see below
-  rmq_cli.py wait-ready NAMESRV [TIMEOUT_S]       wait until >=1 broker is registered
+  rmq_cli.py wait-ready NAMESRV [TIMEOUT_S] [BROKER_NAME]
+                                                  wait until >=1 broker (or that one) is registered
   rmq_cli.py set-mode BROKER TOPIC GROUP POP|PULL [SHARE_N]
                                                   SET_MESSAGE_REQUEST_MODE (401), what
                                                   `mqadmin setConsumeMode` sends: makes
@@ -329,7 +330,7 @@ def cmd_popcheck(broker, topic, group, n, broker_name="broker-a"):
     return 0 if not fails else 1
 
 
-def cmd_wait_ready(ns, timeout_s="60"):
+def cmd_wait_ready(ns, timeout_s="60", broker_name=None):
     deadline = time.time() + float(timeout_s)
     last = None
     while time.time() < deadline:
@@ -339,7 +340,8 @@ def cmd_wait_ready(ns, timeout_s="60"):
             r.close()
             if resp["code"] == 0 and resp["body"]:
                 info = loose_json(resp["body"])
-                if info.get("brokerAddrTable"):
+                table = info.get("brokerAddrTable") or {}
+                if table and (broker_name is None or broker_name in table):
                     print(json.dumps(info.get("brokerAddrTable")))
                     return 0
             last = resp["remark"]
