@@ -62,6 +62,14 @@ fn sdks_through_agent(prefix: &str, spoof_source: bool) -> Result<()> {
         ensure!(log.with_message(MSG_MALFORMED).count() == 0, "codec errors on SDK traffic:\n{}", log.tail(20));
     }
 
+    // The route cache in the state dump: what the name server told the pod.
+    let state = agent.state()?;
+    let route = state["routes"].as_array().into_iter().flatten().find(|r| r["topic"] == "E2E_PY").with_context(|| format!("no route for E2E_PY in the dump: {}", state["routes"]))?;
+    ensure!(
+        route["brokers"].as_array().into_iter().flatten().any(|b| b["addr"] == broker.to_string() && b["readable"] == true),
+        "route cache for E2E_PY: {route}"
+    );
+
     let m = agent.metrics()?;
     ensure!(m.get("rmq_agent_connections_total", &[("result", "proxied")]) >= 4.0, "proxied connections:\n{}", m.text);
     ensure!(

@@ -17,10 +17,10 @@ use tracing::{debug, info, warn};
 
 use crate::logging::LogLevelHandle;
 use crate::metrics::Metrics;
-use crate::state::{now_ms, ConvertedGroupView, ListenerView, Registry, StateDump};
+use crate::state::{now_ms, ListenerView, PopState, Registry, StateDump};
 
 /// Pull→Pop groups and the Pop-native ack-routing table size, read at dump time.
-pub type PopView = Box<dyn Fn() -> (Vec<ConvertedGroupView>, u64) + Send + Sync>;
+pub type PopView = Box<dyn Fn() -> PopState + Send + Sync>;
 
 pub struct AdminState {
     pub metrics: Arc<Metrics>,
@@ -62,7 +62,7 @@ impl AdminState {
     }
 
     pub fn dump(&self) -> StateDump {
-        let (converted_groups, pop_ack_routes) = self.converted.get().map(|f| f()).unwrap_or_default();
+        let pop = self.converted.get().map(|f| f()).unwrap_or_default();
         StateDump {
             pid: std::process::id(),
             version: env!("CARGO_PKG_VERSION").to_string(),
@@ -73,8 +73,9 @@ impl AdminState {
             draining: self.draining.load(Ordering::Relaxed),
             listeners: self.listeners.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             connections: self.registry.connections(),
-            converted_groups,
-            pop_ack_routes,
+            converted_groups: pop.groups,
+            pop_ack_routes: pop.ack_routes,
+            routes: pop.routes,
         }
     }
 }

@@ -86,7 +86,7 @@ async fn serve(cfg: Config, log_level: Option<LogLevelHandle>, workers: usize) -
             let routes = view.ack_routes();
             gauge.pop_ack_routes.set(routes as i64);
             let groups = groups.into_iter().map(|(group, topic, pending_receipts)| ConvertedGroupView { group, topic, pending_receipts }).collect();
-            (groups, routes as u64)
+            crate::state::PopState { groups, ack_routes: routes as u64, routes: view.routes() }
         }));
         if cfg.convert.policy != ConvertPolicy::None {
             info!(policy = ?cfg.convert.policy, invisible_ms = cfg.convert.invisible.as_millis() as u64, "Pull→Pop conversion on");

@@ -206,6 +206,21 @@ impl Converter {
         self.native.as_ref().map_or(0, |n| n.routes())
     }
 
+    /// The route cache, for the state dump.
+    pub fn routes(&self) -> Vec<crate::state::RouteView> {
+        lock(&self.chooser)
+            .snapshot(now_ms())
+            .into_iter()
+            .map(|(topic, brokers)| crate::state::RouteView {
+                topic,
+                brokers: brokers
+                    .into_iter()
+                    .map(|(b, down, pops_in_flight)| crate::state::RouteBrokerView { name: b.name, addr: b.addr.to_string(), readable: b.readable, down, pops_in_flight })
+                    .collect(),
+            })
+            .collect()
+    }
+
     fn on_route(&self, topic: Option<String>, body: &[u8]) {
         let route = parse_route(body);
         lock(&self.broker_names).extend(route.names);

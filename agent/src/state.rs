@@ -122,6 +122,34 @@ pub struct StateDump {
     /// Pops of Pop-native clients whose serving broker is remembered for ack routing.
     #[serde(default)]
     pub pop_ack_routes: u64,
+    /// Topic routes learned from name-server answers relayed to pods (the brokers a
+    /// converted PULL may be served from).
+    #[serde(default)]
+    pub routes: Vec<RouteView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RouteView {
+    pub topic: String,
+    pub brokers: Vec<RouteBrokerView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RouteBrokerView {
+    pub name: String,
+    pub addr: String,
+    pub readable: bool,
+    /// Passed over after a failed POP, until it is retried.
+    pub down: bool,
+    pub pops_in_flight: u32,
+}
+
+/// What the Pop side adds to the dump.
+#[derive(Debug, Clone, Default)]
+pub struct PopState {
+    pub groups: Vec<ConvertedGroupView>,
+    pub ack_routes: u64,
+    pub routes: Vec<RouteView>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

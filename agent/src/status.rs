@@ -141,6 +141,29 @@ fn table(d: &StateDump) -> String {
         }
     }
     o += &format!("Pop-native ack routes remembered: {}\n", d.pop_ack_routes);
+    if !d.routes.is_empty() {
+        o += "\nroute cache (from name-server answers):\n";
+        for r in &d.routes {
+            let brokers: Vec<String> = r
+                .brokers
+                .iter()
+                .map(|b| {
+                    let mut s = format!("{} {}", b.name, b.addr);
+                    if !b.readable {
+                        s += " not-readable";
+                    }
+                    if b.down {
+                        s += " DOWN";
+                    }
+                    if b.pops_in_flight > 0 {
+                        s += &format!(" pops={}", b.pops_in_flight);
+                    }
+                    s
+                })
+                .collect();
+            o += &format!("  {}  {}\n", r.topic, brokers.join(", "));
+        }
+    }
     o
 }
 
@@ -213,9 +236,11 @@ mod tests {
             connections: vec![conn("10.200.1.2:4000", &["g1"])],
             converted_groups: vec![],
             pop_ack_routes: 7,
+            routes: vec![crate::state::RouteView { topic: "T".into(), brokers: vec![crate::state::RouteBrokerView { name: "broker-a".into(), addr: "10.0.0.9:10911".into(), readable: true, down: true, pops_in_flight: 2 }] }],
         };
         let t = table(&d);
         assert!(t.contains("ack routes remembered: 7"), "{t}");
+        assert!(t.contains("T  broker-a 10.0.0.9:10911 DOWN pops=2"), "{t}");
         assert!(t.contains("generation 2") && t.contains("ready") && t.contains("up 1m1s"), "{t}");
         assert!(t.contains("10.200.1.2:4000") && t.contains("CPP/63") && t.contains("SEND_MESSAGE=3") && t.contains("2.0KiB"), "{t}");
     }

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -118,6 +118,13 @@ impl<'lab> Agent<'lab> {
             bail!("the new agent died during the hand-over; log:\n{}", self.log_text_tail(30));
         }
         Ok(old)
+    }
+
+    /// `rmq-agent status -o json` against this agent's admin socket: the state dump.
+    pub fn state(&self) -> Result<serde_json::Value> {
+        let out = std::process::Command::new(&self.bin).args(["status", "-o", "json", "--socket"]).arg(self.admin_socket()).output()?;
+        ensure!(out.status.success(), "rmq-agent status failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).context("rmq-agent status -o json printed no JSON")
     }
 
     /// SIGKILL: the agent dies with everything in flight (restart it with [`Agent::restart`]).

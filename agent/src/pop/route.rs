@@ -168,6 +168,20 @@ impl Chooser {
     pub fn is_down(&self, addr: SocketAddr, now_ms: u64) -> bool {
         self.down_until.get(&addr).is_some_and(|&t| t > now_ms)
     }
+
+    /// Every known topic's brokers with their state, sorted by topic (for the state dump).
+    pub fn snapshot(&self, now_ms: u64) -> Vec<(String, Vec<(RouteBroker, bool, u32)>)> {
+        let mut out: Vec<_> = self
+            .topics
+            .iter()
+            .map(|(t, bs)| {
+                let brokers = bs.iter().map(|b| (b.clone(), self.is_down(b.addr, now_ms), self.inflight.get(&b.addr).copied().unwrap_or(0))).collect();
+                (t.clone(), brokers)
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
 }
 
 #[cfg(test)]
