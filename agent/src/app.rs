@@ -39,13 +39,25 @@ pub fn run(cfg: Config, log_level: Option<LogLevelHandle>) -> anyhow::Result<()>
         .enable_all()
         .build()
         .context("cannot start the data-plane runtime")?;
-    rt.block_on(serve(cfg, log_level, workers))?;
-    // Connections still open after the drain deadline are closed by exit.
+    let idle_after = cfg.idle_after_handover;
+    let cfg_idle = cfg.clone();
+    let ended = rt.block_on(serve(cfg, log_level, workers))?;
+    // Connections still open after the drain deadline are closed here (their tasks are dropped).
     rt.shutdown_timeout(Duration::from_millis(100));
+    if ended == Ended::HandedOver && idle_after {
+        let idle = tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start the idle runtime")?;
+        return idle.block_on(idle_until_sigterm(&cfg_idle));
+    }
     Ok(())
 }
 
-async fn serve(cfg: Config, log_level: Option<LogLevelHandle>, workers: usize) -> anyhow::Result<()> {
+#[derive(Debug, PartialEq, Eq)]
+enum Ended {
+    Stopped,
+    HandedOver,
+}
+
+async fn serve(cfg: Config, log_level: Option<LogLevelHandle>, workers: usize) -> anyhow::Result<Ended> {
     let metrics = Arc::new(Metrics::new());
     let registry = Arc::new(Registry::default());
     let admin = Arc::new(AdminState::new(metrics.clone(), registry.clone(), log_level));
@@ -73,6 +85,7 @@ async fn serve(cfg: Config, log_level: Option<LogLevelHandle>, workers: usize) -
 
     let limits = Limits { max_frame: cfg.max_frame, ..Limits::default() };
     // Pop-native ack routing needs the interceptor even when nothing is converted.
+    let mut converter_handle: Option<Arc<Converter>> = None;
     let interceptor: Option<Arc<dyn crate::relay::Interceptor>> = if cfg.convert.policy == ConvertPolicy::None && !cfg.convert.ack_routing {
         None
     } else {
@@ -94,6 +107,7 @@ async fn serve(cfg: Config, log_level: Option<LogLevelHandle>, workers: usize) -
         if cfg.convert.ack_routing {
             info!("Pop-native acknowledgements are routed to the broker that served the pop");
         }
+        converter_handle = Some(converter.clone());
         Some(converter)
     };
     let (migrate_tx, migrate_rx) = watch::channel(false);
@@ -170,12 +184,17 @@ async fn serve(cfg: Config, log_level: Option<LogLevelHandle>, workers: usize) -
         // It sends Done and ends once nothing is active or queued.
         let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
     }
-    if handed_over && cfg.idle_after_handover {
-        admin.stop.notify_one();
-        return idle_until_sigterm(&cfg, term, int).await;
+    if let Some(c) = converter_handle {
+        // Connections that outlived the drain are about to close with the process: give
+        // their messages back now instead of after the invisible time.
+        c.release_everything(Duration::from_secs(3)).await;
     }
     info!(left = metrics.connections_active.get(), "rmq-agent stopped");
-    Ok(())
+    if handed_over {
+        admin.stop.notify_one();
+        return Ok(Ended::HandedOver);
+    }
+    Ok(Ended::Stopped)
 }
 
 /// How often an idle predecessor checks that its successor still answers.
@@ -184,7 +203,9 @@ const SUCCESSOR_CHECK: Duration = Duration::from_secs(10);
 /// A predecessor under a supervisor that restarts exited containers: stay up, holding
 /// nothing, until told to stop; give up (non-zero) once no agent answers on the node,
 /// so that the supervisor starts a fresh one.
-async fn idle_until_sigterm(cfg: &Config, mut term: tokio::signal::unix::Signal, mut int: tokio::signal::unix::Signal) -> anyhow::Result<()> {
+async fn idle_until_sigterm(cfg: &Config) -> anyhow::Result<()> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     info!("handed over to a newer agent; idle until SIGTERM");
     let mut misses = 0;
     loop {

@@ -556,15 +556,48 @@ impl Converter {
 
     /// Fire-and-forget CHANGE_INVISIBLETIME (release, retry delay).
     fn change_invisible(&self, st: &Arc<ConnState>, group: &str, r: Receipt, after: Duration) {
+        tokio::spawn(self.change_invisible_call(st, group, r, after));
+    }
+
+    fn change_invisible_call(&self, st: &Arc<ConnState>, group: &str, r: Receipt, after: Duration) -> impl std::future::Future<Output = ()> + Send + 'static {
         let (brokers, addr, group, metrics) = (self.brokers.clone(), served_by(st, &r), group.to_string(), self.metrics.clone());
-        tokio::spawn(async move {
+        async move {
             let (ch, cb) = requests::change_invisible(brokers.opaque(), &group, &r, after.as_millis() as i64);
             match brokers.request(addr, ch, &cb, Duration::from_secs(5)).await {
                 Ok((rh, _)) if rh.code == 0 => metrics.pop("change_invisible"),
                 Ok((rh, _)) => debug!(%group, code = rh.code, "CHANGE_INVISIBLETIME refused (the message revives on its own)"),
                 Err(e) => debug!(%group, error = %e, "CHANGE_INVISIBLETIME failed (the message revives on its own)"),
             }
-        });
+        }
+    }
+
+    /// At exit: releases every receipt still held for open connections (they close with
+    /// the process), waiting up to `limit` for the broker to take the releases.
+    pub async fn release_everything(&self, limit: Duration) {
+        let conns: Vec<Arc<ConnState>> = lock(&self.conns).drain().map(|(_, st)| st).collect();
+        let mut calls = Vec::new();
+        for st in conns {
+            st.closed.store(true, Ordering::Relaxed);
+            let groups: Vec<String> = lock(&st.groups).keys().cloned().collect();
+            for group in groups {
+                for r in lock(&st.sessions).take_group(&group) {
+                    calls.push(tokio::spawn(self.change_invisible_call(&st, &group, r, self.cfg.release)));
+                }
+            }
+        }
+        if calls.is_empty() {
+            return;
+        }
+        let n = calls.len();
+        let all = async {
+            for c in calls {
+                let _ = c.await;
+            }
+        };
+        match tokio::time::timeout(limit, all).await {
+            Ok(()) => info!(receipts = n, "released the receipts of connections still open at exit"),
+            Err(_) => warn!(receipts = n, "not every receipt release finished before exit; those messages come back after their invisible time"),
+        }
     }
 
     async fn renew(&self) {
