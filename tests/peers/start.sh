@@ -91,6 +91,11 @@ mappedFileSizeCommitLog = 67108864
 # small index file (default 5M slots/20M entries = ~420 MB per broker)
 maxHashSlotNum = 50000
 maxIndexNum = 200000
+# The timer drains 64 records a tick by default; POP checkpoints and their ACKs then reach
+# the revive queue seconds late, and with patch P6 (arrival time as delivery time) the
+# revive service can act on a checkpoint before its ACK arrives and revive an acked
+# message. A large batch keeps the timer on time for the test loads.
+timerDueBatchMessages = 4096
 ${EXTRA_STORE_TOML:-}
 TOML
 
