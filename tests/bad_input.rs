@@ -237,15 +237,7 @@ fn a_lying_name_server_cannot_steer_the_agent() -> Result<()> {
 
     // The outside broker the liar named: refused, never dialled.
     let before = agent.metrics()?.get("rmq_agent_connections_total", &[("result", "refused_cidr")]);
-    // The reset can beat connect() to its own result; either way the pod is refused.
-    match lab.pod().run(|| TcpStream::connect_timeout(&outside, PROMPT)) {
-        Ok(mut s) => {
-            let closed = frames::expect_closed_within(&mut s, PROMPT)?;
-            println!("lied-about {outside}: refused ({:?}) after {:?}", closed.kind, closed.after);
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => println!("lied-about {outside}: reset during connect"),
-        Err(e) => return Err(e).context("connect to the lied-about broker"),
-    }
+    expect_reset(&lab, outside, "lied-about broker")?;
     let after = rmq_e2e::lab::wait_for("refused_cidr to increment", PROMPT, || {
         let v = agent.metrics()?.get("rmq_agent_connections_total", &[("result", "refused_cidr")]);
         Ok((v > before).then_some(v))
@@ -253,17 +245,24 @@ fn a_lying_name_server_cannot_steer_the_agent() -> Result<()> {
     ensure!(after == before + 1.0, "refused_cidr went {before} -> {after}");
 
     // The down broker it named: the pod learns at once.
-    match lab.pod().run(|| TcpStream::connect_timeout(&down, PROMPT)) {
-        Ok(mut s) => {
-            let closed = frames::expect_closed_within(&mut s, PROMPT)?;
-            println!("lied-about {down} (down): closed ({:?}) after {:?}", closed.kind, closed.after);
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => println!("lied-about {down} (down): reset during connect"),
-        Err(e) => return Err(e).context("connect to the down broker"),
-    }
+    expect_reset(&lab, down, "lied-about broker that is down")?;
 
     // Still serving: the garbage route was not a crash.
     ensure!(agent.is_running(), "the agent died");
     ensure!(agent.metrics()?.get("rmq_agent_connections_total", &[("result", "proxied")]) >= 1.0, "the liar's connection was not proxied");
+    Ok(())
+}
+
+/// A pod's connection to `to` is reset promptly. The reset can beat a non-blocking
+/// connect() to its own result; either way the pod is turned away.
+fn expect_reset(lab: &Lab, to: SocketAddr, what: &str) -> Result<()> {
+    match lab.pod().run(|| TcpStream::connect_timeout(&to, PROMPT)) {
+        Ok(mut s) => {
+            let closed = frames::expect_closed_within(&mut s, PROMPT)?;
+            println!("{what} {to}: closed ({:?}) after {:?}", closed.kind, closed.after);
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => println!("{what} {to}: reset during connect"),
+        Err(e) => return Err(e).with_context(|| format!("connect to the {what} {to}")),
+    }
     Ok(())
 }

@@ -97,18 +97,26 @@ fn say(msg: impl AsRef<str>) {
     eprintln!("rmq-cni: {}", msg.as_ref());
 }
 
-fn describe(c: &install::Changes) -> String {
+/// One line for what an install (or, with `removed`, an uninstall) pass changed.
+fn describe(c: &install::Changes, removed: bool) -> String {
     let mut parts = Vec::new();
     if c.binary {
-        parts.push("binary updated".to_string());
+        parts.push(if removed { "binary removed" } else { "binary updated" }.to_string());
     }
-    if let Some(p) = &c.converted_from {
+    if let (Some(p), false) = (&c.converted_from, removed) {
         parts.push(format!("converted {}", p.display()));
     }
     if let Some(p) = &c.conflist {
-        parts.push(format!("wrote {}", p.display()));
+        parts.push(if removed { format!("entry removed from {}", p.display()) } else { format!("wrote {}", p.display()) });
     }
-    if parts.is_empty() { "already in place".into() } else { parts.join(", ") }
+    if let (Some(p), true) = (&c.converted_from, removed) {
+        parts.push(format!("restored {}", p.display()));
+    }
+    match (parts.is_empty(), removed) {
+        (false, _) => parts.join(", "),
+        (true, false) => "already in place".into(),
+        (true, true) => "nothing to remove".into(),
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -125,27 +133,17 @@ fn main() -> anyhow::Result<()> {
             if a.watch {
                 say(format!("watching {} every {} ms", o.conf_dir.display(), a.interval_ms));
                 install::watch(&o, Duration::from_millis(a.interval_ms.max(50)), || false, |r| match r {
-                    Ok(c) => say(format!("install: {}", describe(c))),
+                    Ok(c) => say(format!("install: {}", describe(c, false))),
                     Err(e) => say(format!("install failed (will retry): {e}")),
                 });
             } else {
                 let c = install::install(&o)?;
-                say(format!("install: {}", describe(&c)));
+                say(format!("install: {}", describe(&c, false)));
             }
         }
         Cmd::Uninstall(a) => {
             let c = install::uninstall(&a.options()?)?;
-            let mut parts = Vec::new();
-            if c.binary {
-                parts.push("binary removed".to_string());
-            }
-            if let Some(p) = &c.conflist {
-                parts.push(format!("entry removed from {}", p.display()));
-            }
-            if let Some(p) = &c.converted_from {
-                parts.push(format!("restored {}", p.display()));
-            }
-            say(format!("uninstall: {}", if parts.is_empty() { "nothing to remove".into() } else { parts.join(", ") }));
+            say(format!("uninstall: {}", describe(&c, true)));
         }
     }
     Ok(())

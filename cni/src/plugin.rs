@@ -95,14 +95,22 @@ fn require_prev(conf: &NetConf, verb: &str) -> Result<crate::conf::PrevResult, C
     })
 }
 
-/// Builds the node handles; both calls are bounded by the configured time limit.
+/// The node's iptables backend, detected once per run (bounded by the time limit).
+fn node_backend(conf: &NetConf) -> Result<Xtables, CniError> {
+    let flavor = backend::detect(conf.iptables_backend, conf.timeout()).map_err(backend_err)?;
+    Xtables::new(flavor, conf.timeout()).map_err(backend_err)
+}
+
+/// Runs `f` on the node's handles under the plugin lock.
 fn with_node<T>(conf: &NetConf, f: impl FnOnce(&Node) -> Result<T, CniError>) -> Result<T, CniError> {
-    let limit = conf.timeout();
-    let flavor = backend::detect(conf.iptables_backend, limit).map_err(backend_err)?;
+    let xt = node_backend(conf)?;
+    with_backend(conf, &xt, f)
+}
+
+fn with_backend<T>(conf: &NetConf, xt: &Xtables, f: impl FnOnce(&Node) -> Result<T, CniError>) -> Result<T, CniError> {
     let _lock = PluginLock::acquire(conf.lock_file(), conf.lock_timeout())?;
-    let xt = Xtables::new(flavor, limit).map_err(backend_err)?;
-    let nl = Netlink::new(limit);
-    f(&Node { backend: &xt, routing: &nl })
+    let nl = Netlink::new(conf.timeout());
+    f(&Node { backend: xt, routing: &nl })
 }
 
 fn backend_err(e: backend::BackendError) -> CniError {
@@ -127,10 +135,11 @@ fn add(env: &Env, conf: &NetConf) -> Result<String, CniError> {
     if conf.is_excluded(env.pod_namespace()) {
         log::info("namespace is excluded: passing the pod through uncaptured");
         let ips = prev.pod_ips()?;
-        if !ips.is_empty() && our_chains_exist(conf) {
-            // Its IP may have been a captured pod's whose DEL never ran.
+        // Its IP may have been a captured pod's whose DEL never ran. Skipped without our
+        // chains (the agent's own pod at first install never waits on the lock) or iptables.
+        if let Some(xt) = (!ips.is_empty()).then(|| node_backend(conf).ok()).flatten().filter(has_our_chains) {
             let id = env.checked_container_id()?;
-            with_node(conf, |node| capture::purge_stale(node, &ips, &conf.ports(), id))?;
+            with_backend(conf, &xt, |node| capture::purge_stale(node, &ips, &conf.ports(), id))?;
         }
         return Ok(passthrough(conf));
     }
@@ -148,12 +157,7 @@ fn add(env: &Env, conf: &NetConf) -> Result<String, CniError> {
     Ok(passthrough(conf))
 }
 
-/// Cheap pre-check so that excluded pods on a node without any capture yet (the agent's
-/// own pod, at first install) never wait on iptables.
-fn our_chains_exist(conf: &NetConf) -> bool {
-    let limit = conf.timeout();
-    let Ok(flavor) = backend::detect(conf.iptables_backend, limit) else { return false };
-    let Ok(xt) = Xtables::new(flavor, limit) else { return false };
+fn has_our_chains(xt: &Xtables) -> bool {
     use crate::backend::RuleBackend;
     [crate::rules::Family::V4, crate::rules::Family::V6].iter().any(|f| {
         [("mangle", rmq_common::CHAIN_TPROXY), ("nat", rmq_common::CHAIN_REDIRECT)]
