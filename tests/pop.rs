@@ -299,10 +299,10 @@ fn a_pod_deleted_mid_flight_loses_nothing() -> Result<()> {
     Ok(())
 }
 
-/// Converted connections stay with the agent that holds their receipts when a new agent
-/// takes over (they are pinned, not moved); at the old agent's drain deadline it releases
-/// what they still hold and closes them, and the SDKs reconnect through the new agent.
-/// Every message sent across two upgrades is consumed.
+/// Converted connections move to the new agent with their receipts and sessions: the
+/// SDKs keep their connections, commit through the new agent what they got from the
+/// old one, and nothing is released or redelivered. Every message sent across two
+/// upgrades is consumed exactly once.
 #[test]
 fn converted_consumers_lose_nothing_across_upgrades() -> Result<()> {
     use std::collections::BTreeSet;
@@ -315,15 +315,18 @@ fn converted_consumers_lose_nothing_across_upgrades() -> Result<()> {
     create_topic(&lab.brk(), peers.broker(), "POP_UPG", 2)?;
     let (pod, ns_addr) = (lab.pod(), peers.namesrv());
     let consumers = [
-        Consumer::start(Sdk::Python, "py-a", &pod, ns_addr, "POP_UPG", "g_upg", 110, &[], lab.workdir())?,
+        // Slow, so that it holds uncommitted messages when the agents change.
+        Consumer::start(Sdk::Python, "py-a", &pod, ns_addr, "POP_UPG", "g_upg", 110, &["--process-ms", "300"], lab.workdir())?,
         Consumer::start(Sdk::Rust, "rs-b", &pod, ns_addr, "POP_UPG", "g_upg", 110, &[], lab.workdir())?,
     ];
     std::thread::sleep(Duration::from_secs(12));
+    let mut last_upgrade = std::time::Instant::now();
     let (sent, failed) = std::thread::scope(|s| -> Result<_> {
         let producer = s.spawn(|| rmq_e2e::group::produce_counting(&pod, ns_addr, "POP_UPG", 80, "upg", 0.1, lab.workdir()));
         for _ in 0..2 {
             std::thread::sleep(Duration::from_secs(3));
-            agent.upgrade()?;
+            agent.upgrade_no_wait()?;
+            last_upgrade = std::time::Instant::now();
         }
         Ok(producer.join().expect("producer thread panicked")?)
     })?;
@@ -331,19 +334,33 @@ fn converted_consumers_lose_nothing_across_upgrades() -> Result<()> {
     let waited = rmq_e2e::lab::wait_for("every acknowledged message to be consumed across the upgrades", Duration::from_secs(80), || {
         Ok(sent.is_subset(&consumed()).then_some(()))
     });
-    let released: u64 = agent
-        .log()?
-        .lines
-        .iter()
-        .filter(|l| l.message() == "released the receipts of connections still open at exit")
-        .filter_map(|l| l.field("receipts")?.parse::<u64>().ok())
-        .sum();
+    // Each old agent exits on its own once the POPs it started came back (a long poll
+    // lasts up to 20 s) and it has released what they brought.
+    agent.wait_predecessors(Duration::from_secs(40))?;
+    // A receipt that did not move, or that the new agent failed to ACK, is redelivered once
+    // the invisible time (20 s) is over: count duplicates only after that.
+    std::thread::sleep(Duration::from_secs(25).saturating_sub(last_upgrade.elapsed()));
+    let log = agent.log()?;
+    let sum = |message: &str| -> u64 {
+        log.lines.iter().filter(|l| l.message() == message).filter_map(|l| l.field("receipts")?.parse::<u64>().ok()).sum()
+    };
+    let count = |message: &str| log.lines.iter().filter(|l| l.message() == message).count();
+    let released = sum("released the receipts of connections still open at exit");
+    let handed = sum("handing this connection's Pull→Pop state to the new agent");
+    let adopted = sum("adopted the previous agent's Pull→Pop state for this connection");
+    let moved_conns = count("adopted the previous agent's Pull→Pop state for this connection");
     let report = GroupReport::new(&consumers, "upg");
     println!(
-        "POP REPORT upgrade: sent_ok={} send_failed={failed} consumed_unique={} duplicates={} released_at_handover={released}",
+        "POP REPORT upgrade: sent_ok={} send_failed={failed} consumed_unique={} duplicates={} receipts_handed_over={handed} \
+         receipts_adopted={adopted} converted_connections_moved={moved_conns} released_at_handover={released}",
         sent.len(), report.unique.len(), report.duplicates()
     );
     waited?;
     ensure!(sent.len() >= 60, "only {} of 80 sends succeeded; the run says little", sent.len());
+    ensure!(moved_conns >= 2, "converted connections did not move to the new agents ({moved_conns} adopted)");
+    ensure!(handed > 0, "no receipt was held at either hand-over; the run says nothing about moving them");
+    ensure!(handed == adopted, "{handed} receipts handed over but {adopted} adopted");
+    ensure!(released == 0, "{released} receipts were released at exit instead of moving");
+    ensure!(report.duplicates() == 0, "{} messages were delivered twice across the upgrades", report.duplicates());
     Ok(())
 }

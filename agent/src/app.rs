@@ -30,6 +30,10 @@ use crate::state::{ListenerView, Registry};
 
 /// How long a predecessor waits for its successor to say it is accepting.
 const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest state accepted for one connection or for the shared routes.
+const MAX_STATE: usize = 256 * 1024 * 1024;
+/// How long a predecessor waits for the broker requests it started (see `Converter::settle`).
+const SETTLE_AFTER_HANDOVER: Duration = Duration::from_secs(26);
 
 pub fn run(cfg: Config, log_level: Option<LogLevelHandle>) -> anyhow::Result<()> {
     let workers = if cfg.workers == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2) } else { cfg.workers };
@@ -125,6 +129,7 @@ async fn serve(cfg: Config, log_level: Option<LogLevelHandle>, workers: usize) -
         in_transit: AtomicUsize::new(0),
         draining: AtomicBool::new(false),
         interceptor,
+        successor_adopts_state: AtomicBool::new(false),
     });
     let listener = TcpListener::from_std(std_listener)?;
     let mut term = signal(SignalKind::terminate())?;
@@ -134,7 +139,7 @@ async fn serve(cfg: Config, log_level: Option<LogLevelHandle>, workers: usize) -
     }
     admin.listening.store(true, Ordering::Relaxed);
     if let Some(peer) = predecessor {
-        peer.send(&Msg::Ready { pid: std::process::id() }, &[]).await?;
+        peer.send(&Msg::Ready { pid: std::process::id(), adopts_state: ctx.interceptor.is_some() }, &[]).await?;
         tokio::spawn(inherit_connections(peer, ctx.clone()));
     }
     info!(listen = %cfg.listen, capture = ?cfg.capture, spoof_source = cfg.spoof_source, ports = ?cfg.ports, workers, generation, admin = %cfg.admin_addr, "rmq-agent listening");
@@ -146,7 +151,10 @@ async fn serve(cfg: Config, log_level: Option<LogLevelHandle>, workers: usize) -
             _ = int.recv() => break None,
             r = successors.accept() => match r {
                 Ok(peer) => match hand_listener(&peer, &listener, generation, &cfg).await {
-                    Ok(()) => break Some(peer),
+                    Ok(adopts_state) => {
+                        ctx.successor_adopts_state.store(adopts_state, Ordering::SeqCst);
+                        break Some(peer);
+                    }
                     Err(e) => warn!(error = %e, "a new agent tried to take over and failed; still serving"),
                 },
                 Err(e) => warn!(error = %e, "hand-off accept failed"),
@@ -188,6 +196,9 @@ async fn serve(cfg: Config, log_level: Option<LogLevelHandle>, workers: usize) -
         // Connections that outlived the drain are about to close with the process: give
         // their messages back now instead of after the invisible time.
         c.release_everything(Duration::from_secs(3)).await;
+        // Acks still on their way, and POPs of PULLs answered at the hand-over (a long
+        // poll lasts up to 20 s; their messages are released when they come back).
+        c.settle(if handed_over { SETTLE_AFTER_HANDOVER } else { Duration::from_secs(5) }).await;
     }
     info!(left = metrics.connections_active.get(), "rmq-agent stopped");
     if handed_over {
@@ -244,17 +255,18 @@ async fn take_listener(peer: &Peer) -> anyhow::Result<(std::net::TcpListener, u6
     }
 }
 
-/// Old agent: give the listener to the successor and wait until it accepts.
-async fn hand_listener(peer: &Peer, listener: &TcpListener, generation: u64, cfg: &Config) -> anyhow::Result<()> {
+/// Old agent: give the listener to the successor and wait until it accepts; true if it
+/// adopts connection state.
+async fn hand_listener(peer: &Peer, listener: &TcpListener, generation: u64, cfg: &Config) -> anyhow::Result<bool> {
     match tokio::time::timeout(TAKEOVER_TIMEOUT, peer.recv()).await.context("timed out")?? {
         (Msg::Takeover { pid }, _) => info!(successor = pid, "a new agent is taking over"),
         (m, _) => anyhow::bail!("unexpected hand-off message {m:?}"),
     }
     peer.send(&Msg::Listener { generation, listen: cfg.listen.to_string() }, &[listener.as_raw_fd()]).await?;
     match tokio::time::timeout(TAKEOVER_TIMEOUT, peer.recv()).await.context("the new agent never became ready")?? {
-        (Msg::Ready { pid }, _) => {
-            info!(successor = pid, "the new agent is accepting; stopping here");
-            Ok(())
+        (Msg::Ready { pid, adopts_state }, _) => {
+            info!(successor = pid, adopts_state, "the new agent is accepting; stopping here");
+            Ok(adopts_state)
         }
         (m, _) => anyhow::bail!("unexpected hand-off message {m:?}"),
     }
@@ -264,6 +276,11 @@ async fn hand_listener(peer: &Peer, listener: &TcpListener, generation: u64, cfg
 /// until every connection has been handed over or closed.
 async fn send_connections(peer: Peer, mut rx: mpsc::UnboundedReceiver<MigratedConn>, ctx: Arc<ProxyCtx>) {
     let mut sent = 0usize;
+    let adopts = ctx.successor_adopts_state.load(Ordering::SeqCst);
+    // Routes first: an inherited converted connection's next PULL needs them.
+    if adopts {
+        send_shared(&peer, &ctx).await;
+    }
     loop {
         let idle = ctx.metrics.connections_active.get() == 0 && ctx.in_transit.load(Ordering::SeqCst) == 0;
         let m = match tokio::time::timeout(Duration::from_millis(20), rx.recv()).await {
@@ -272,23 +289,59 @@ async fn send_connections(peer: Peer, mut rx: mpsc::UnboundedReceiver<MigratedCo
             Err(_) if idle => break,
             Err(_) => continue,
         };
-        let msg = Msg::Conn { pod: m.pod.0, dst: m.dst.0, up: m.up, down: m.down };
+        let state = m.state.filter(|_| adopts);
+        if let Some(s) = &state {
+            if let Err(e) = peer.send_parts(s).await {
+                warn!(pod = %m.pod, orig_dst = %m.dst, error = %e, "could not hand a connection's state over; the connection is closed and its messages come back after the invisible time");
+                ctx.in_transit.fetch_sub(1, Ordering::SeqCst);
+                continue;
+            }
+        }
+        let msg = Msg::Conn { pod: m.pod.0, dst: m.dst.0, up: m.up, down: m.down, requests: m.requests, state: state.is_some() };
         match peer.send(&msg, &[m.client.as_raw_fd(), m.upstream.as_raw_fd()]).await {
             Ok(()) => sent += 1,
             Err(e) => warn!(pod = %m.pod, orig_dst = %m.dst, error = %e, "could not hand a connection over; it is closed"),
         }
         ctx.in_transit.fetch_sub(1, Ordering::SeqCst);
     }
+    // Again at the end: ack routes recorded while connections were still moving.
+    if adopts {
+        send_shared(&peer, &ctx).await;
+    }
     let _ = peer.send(&Msg::Done, &[]).await;
     info!(connections = sent, "hand-over complete");
+}
+
+async fn send_shared(peer: &Peer, ctx: &ProxyCtx) {
+    let Some(state) = ctx.interceptor.as_ref().and_then(|i| i.export_shared()) else { return };
+    let sent = async {
+        peer.send_parts(&state).await?;
+        peer.send(&Msg::Shared, &[]).await
+    };
+    if let Err(e) = sent.await {
+        warn!(error = %e, "could not hand the learned routes over; the new agent learns them again");
+    }
 }
 
 /// New agent: resume every connection the predecessor hands over.
 async fn inherit_connections(peer: Peer, ctx: Arc<ProxyCtx>) {
     let mut n = 0usize;
+    let mut parts = String::new();
     loop {
         match peer.recv().await {
-            Ok((Msg::Conn { pod, dst, up, down }, fds)) if fds.len() == 2 => {
+            Ok((Msg::Part { data }, _)) if parts.len() + data.len() <= MAX_STATE => parts.push_str(&data),
+            Ok((Msg::Part { .. }, _)) => {
+                warn!(limit = MAX_STATE, "the previous agent's state is larger than the limit; dropped (its messages come back after the invisible time)");
+                parts.clear();
+            }
+            Ok((Msg::Shared, _)) => {
+                if let Some(i) = &ctx.interceptor {
+                    i.adopt_shared(&parts);
+                }
+                parts.clear();
+            }
+            Ok((Msg::Conn { pod, dst, up, down, requests, state }, fds)) if fds.len() == 2 => {
+                let state = state.then(|| std::mem::take(&mut parts));
                 let mut fds = fds.into_iter();
                 let (client, upstream) = (fds.next(), fds.next());
                 let (Some(client), Some(upstream)) = (client, upstream) else { continue };
@@ -300,14 +353,17 @@ async fn inherit_connections(peer: Peer, ctx: Arc<ProxyCtx>) {
                 match (to_stream(client), to_stream(upstream)) {
                     (Ok(client), Ok(upstream)) => {
                         n += 1;
-                        let m = MigratedConn { client, upstream, pod: PodAddr::new(pod), dst: OrigDst::new(dst), up, down };
+                        let m = MigratedConn { client, upstream, pod: PodAddr::new(pod), dst: OrigDst::new(dst), up, down, requests, state };
                         tokio::spawn(relay::resume(ctx.clone(), m));
                     }
                     _ => warn!(%pod, orig_dst = %dst, "an inherited connection could not be registered; it is closed"),
                 }
             }
             Ok((Msg::Done, _)) => break,
-            Ok((m, _)) => warn!(?m, "unexpected hand-off message"),
+            Ok((m, _)) => {
+                parts.clear();
+                warn!(?m, "unexpected hand-off message");
+            }
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
             Err(e) => {
                 warn!(error = %e, "hand-off channel failed");

@@ -14,7 +14,7 @@
 //! every ACK, CHANGE_INVISIBLETIME and dead-letter move goes there.
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -28,7 +28,8 @@ use crate::metrics::Metrics;
 use crate::pop::heartbeat::{parse_heartbeat, ConsumerData};
 use crate::pop::policy::{ConvertPolicy, Decision};
 use crate::pop::receipt::{receipts_from_pop, renewed, Receipt};
-use crate::pop::route::{parse_route, Chooser};
+use crate::pop::ackroute::AckKey;
+use crate::pop::route::{parse_route, Chooser, RouteBroker};
 use crate::pop::session::{Renewal, SessionKey, Sessions};
 use crate::pop::requests::BitSetFormat;
 use crate::pop::{batch, requests};
@@ -69,10 +70,21 @@ const RENEW_MARGIN_MS: i64 = 10_000;
 const RENEW_EVERY: Duration = Duration::from_secs(5);
 /// A broker that failed a POP (no connection, no answer) is passed over this long.
 const BROKER_DOWN_MS: u64 = 30_000;
+/// How long a hand-over waits for a connection's acknowledgements, send-backs and
+/// renewals to be answered before its state is copied (a renewal times out after 5 s).
+const QUIESCE: Duration = Duration::from_secs(6);
 
 struct GroupState {
     consumer: ConsumerData,
     decision: Decision,
+}
+
+/// A converted PULL the agent is answering.
+struct PullInFlight {
+    /// The client's queueOffset: a hand-over answers "no new message" from here.
+    x: i64,
+    /// Its session and generation, once its commit and release were applied.
+    started: Option<(SessionKey, u64)>,
 }
 
 /// What the converter knows about one pod connection.
@@ -80,11 +92,74 @@ struct ConnState {
     handle: ConnHandle,
     client_id: Mutex<Option<String>>,
     groups: Mutex<HashMap<String, GroupState>>,
+    /// Lock order: `pulls` before `sessions`. Holding `pulls` while a PULL is applied and
+    /// answered makes a hand-over see all of it or none of it.
+    pulls: Mutex<HashMap<i32, PullInFlight>>,
     sessions: Mutex<Sessions>,
+    /// Taken requests other than PULL still being handled (their answers are due).
+    busy: AtomicUsize,
+    /// Moving to a successor agent: no new renewals.
+    moving: AtomicBool,
     closed: AtomicBool,
     /// When the client last sent anything; receipts of a silent client are
     /// not renewed, so a hung consumer's messages go to the others.
     last_request_ms: AtomicU64,
+}
+
+impl ConnState {
+    fn new(handle: ConnHandle, client_id: Option<String>, groups: HashMap<String, GroupState>, sessions: Sessions) -> Self {
+        ConnState {
+            handle,
+            client_id: Mutex::new(client_id),
+            groups: Mutex::new(groups),
+            pulls: Default::default(),
+            sessions: Mutex::new(sessions),
+            busy: AtomicUsize::new(0),
+            moving: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            last_request_ms: AtomicU64::new(now_ms()),
+        }
+    }
+
+    /// Answers a converted PULL unless a hand-over already did.
+    fn answer_pull(&self, opaque: i32, (h, body): (Header, Vec<u8>)) {
+        let mut pulls = lock(&self.pulls);
+        if pulls.remove(&opaque).is_some() {
+            self.handle.send_to_client(encode_frame(&h, &body));
+        }
+    }
+}
+
+/// Counts a running task until dropped.
+struct Tracked(Arc<AtomicUsize>);
+
+impl Tracked {
+    fn new(n: &Arc<AtomicUsize>) -> Self {
+        n.fetch_add(1, Ordering::SeqCst);
+        Tracked(n.clone())
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A taken request being handled for a connection.
+struct Busy(Arc<ConnState>);
+
+impl Busy {
+    fn new(st: &Arc<ConnState>) -> Self {
+        st.busy.fetch_add(1, Ordering::SeqCst);
+        Busy(st.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.busy.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 pub struct Converter {
@@ -102,6 +177,9 @@ pub struct Converter {
     /// Per broker: the BATCH_ACK bit-set format it takes, None if none (single ACKs).
     batch_formats: Mutex<HashMap<SocketAddr, Option<BitSetFormat>>>,
     native: Option<NativePop>,
+    /// Tasks that talk to brokers for clients (handlers, acks, releases): an agent that
+    /// hands over waits for them before it exits.
+    tasks: Arc<AtomicUsize>,
     /// For spawning request handlers from `&self` trait methods.
     me: std::sync::Weak<Converter>,
 }
@@ -121,6 +199,7 @@ impl Converter {
             chooser: Default::default(),
             batch_formats: Default::default(),
             native,
+            tasks: Default::default(),
             me: me.clone(),
         });
         tokio::spawn(renew_loop(Arc::downgrade(&c)));
@@ -131,16 +210,18 @@ impl Converter {
         lock(&self.conns)
             .entry(conn.id)
             .or_insert_with(|| {
-                Arc::new(ConnState {
-                    handle: conn.clone(),
-                    client_id: Default::default(),
-                    groups: Default::default(),
-                    sessions: Default::default(),
-                    closed: AtomicBool::new(false),
-                    last_request_ms: AtomicU64::new(now_ms()),
-                })
+                Arc::new(ConnState::new(conn.clone(), None, HashMap::new(), Sessions::default()))
             })
             .clone()
+    }
+
+    /// Spawns work an exiting agent waits for (see [`Converter::settle`]).
+    fn spawn(&self, f: impl std::future::Future<Output = ()> + Send + 'static) {
+        let t = Tracked::new(&self.tasks);
+        tokio::spawn(async move {
+            f.await;
+            drop(t);
+        });
     }
 
     fn existing(&self, conn: &ConnHandle) -> Option<Arc<ConnState>> {
@@ -281,11 +362,16 @@ impl Converter {
         // Receipts at or above X were never seen by the client: give them back.
         let key = SessionKey::new(&group, &topic, vq);
         let (release, acks, generation) = {
+            let mut pulls = lock(&st.pulls);
+            // Answered by a hand-over before it started: the successor gets the next one.
+            let Some(p) = pulls.get_mut(&h.opaque) else { return };
             let mut s = lock(&st.sessions);
             // Commit first: it covers offsets below X, the release covers X and above.
             let acks = if sys_flag & 0x1 != 0 { s.on_commit(&key, num("commitOffset").unwrap_or(-1)) } else { Vec::new() };
             let release = s.on_pull(&key, x);
-            (release, acks, s.generation(&key).unwrap_or(0))
+            let generation = s.generation(&key).unwrap_or(0);
+            p.started = Some((key.clone(), generation));
+            (release, acks, generation)
         };
         if !release.is_empty() || !acks.is_empty() {
             debug!(pod = %st.handle.pod, %group, %topic, queue = vq, offset = x, acked = acks.len(), released = release.len(), "PULL commits and re-pull releases");
@@ -316,8 +402,7 @@ impl Converter {
             tried.push(addr);
             let Some(broker_name) = self.broker_name(addr) else {
                 warn!(broker = %addr, "broker name not learned yet (no route lookup seen through the agent); the client retries");
-                let (rh, body) = requests::system_busy(h.opaque, "rmq-agent: broker name unknown yet, retry");
-                return self.reply(st, rh, &body);
+                return st.answer_pull(h.opaque, requests::system_busy(h.opaque, "rmq-agent: broker name unknown yet, retry"));
             };
             let opaque = self.brokers.opaque();
             let (ph, pbody) = requests::pop(opaque, &group, &topic, -1, max, self.cfg.invisible.as_millis() as i64, poll_ms, now_ms() as i64, init_mode, &exp_type, &exp);
@@ -341,10 +426,7 @@ impl Converter {
                             self.metrics.pop("pop_failover");
                             addr = n;
                         }
-                        None => {
-                            let (rh, b) = requests::system_busy(h.opaque, &format!("rmq-agent: {e}"));
-                            return self.reply(st, rh, &b);
-                        }
+                        None => return st.answer_pull(h.opaque, requests::system_busy(h.opaque, &format!("rmq-agent: {e}"))),
                     }
                 }
             }
@@ -355,41 +437,37 @@ impl Converter {
         }
         match rh.code {
             0 => {}
-            code::PULL_NOT_FOUND | POLLING_TIMEOUT | NO_MESSAGE => {
-                let (rh, b) = requests::pull_not_found(h.opaque, x);
-                return self.reply(st, rh, &b);
-            }
-            POLLING_FULL => {
-                let (rh, b) = requests::system_busy(h.opaque, "rmq-agent: broker polling queue full");
-                return self.reply(st, rh, &b);
-            }
+            code::PULL_NOT_FOUND | POLLING_TIMEOUT | NO_MESSAGE => return st.answer_pull(h.opaque, requests::pull_not_found(h.opaque, x)),
+            POLLING_FULL => return st.answer_pull(h.opaque, requests::system_busy(h.opaque, "rmq-agent: broker polling queue full")),
             c => {
                 warn!(pod = %st.handle.pod, %group, %topic, code = c, remark = rh.remark.as_deref().unwrap_or(""), "broker refused POP");
-                let (rh2, b) = requests::system_busy(h.opaque, &format!("rmq-agent: POP answered {c}"));
-                return self.reply(st, rh2, &b);
+                return st.answer_pull(h.opaque, requests::system_busy(h.opaque, &format!("rmq-agent: POP answered {c}")));
             }
         }
         let popped = match receipts_from_pop(&rh, &body, &broker_name, &topic) {
             Ok(p) => p,
             Err(e) => {
                 warn!(pod = %st.handle.pod, %group, %topic, error = %e, "cannot parse a POP response; its messages come back after the invisible time");
-                let (rh2, b) = requests::system_busy(h.opaque, "rmq-agent: bad POP response");
-                return self.reply(st, rh2, &b);
+                return st.answer_pull(h.opaque, requests::system_busy(h.opaque, "rmq-agent: bad POP response"));
             }
         };
         let (msgs, mut receipts): (Vec<_>, Vec<_>) = popped.into_iter().unzip();
         for r in receipts.iter_mut() {
             r.broker_addr = Some(addr);
         }
-        // A newer PULL for this queue, or a closed connection, means nobody
-        // will ever see these: release them instead of delivering.
-        if st.closed.load(Ordering::Relaxed) {
+        // A newer PULL for this queue, a closed connection, or one that moved to another
+        // agent means nobody will ever see these: release them instead of delivering.
+        // `pulls` stays locked until the answer is queued (see `ConnState::pulls`).
+        let mut pulls = lock(&st.pulls);
+        if st.closed.load(Ordering::Relaxed) || pulls.remove(&h.opaque).is_none() {
+            drop(pulls);
             return self.release(st, &group, receipts);
         }
         let n = msgs.len() as i64;
         let next = match lock(&st.sessions).assign(&key, generation, x, receipts) {
             Ok(next) => next,
             Err(stale) => {
+                drop(pulls);
                 debug!(pod = %st.handle.pod, %group, %topic, queue = vq, offset = x, released = stale.len(), "POP answered a superseded PULL; releasing");
                 return self.release(st, &group, stale);
             }
@@ -405,6 +483,7 @@ impl Converter {
         self.metrics.pop_messages(n as u64);
         self.reply(st, fh, &fb);
         lock(&st.sessions).mark_delivered(&key, generation);
+        drop(pulls);
     }
 
     async fn send_back(&self, st: &Arc<ConnState>, h: &Header, frame: Vec<u8>) {
@@ -544,7 +623,7 @@ impl Converter {
         }
         let (st, group) = (st.clone(), group.to_string());
         if let Some(me) = self.me.upgrade() {
-            tokio::spawn(async move { me.ack(&st, &group, receipts).await });
+            self.spawn(async move { me.ack(&st, &group, receipts).await });
         }
     }
 
@@ -556,7 +635,7 @@ impl Converter {
 
     /// Fire-and-forget CHANGE_INVISIBLETIME (release, retry delay).
     fn change_invisible(&self, st: &Arc<ConnState>, group: &str, r: Receipt, after: Duration) {
-        tokio::spawn(self.change_invisible_call(st, group, r, after));
+        self.spawn(self.change_invisible_call(st, group, r, after));
     }
 
     fn change_invisible_call(&self, st: &Arc<ConnState>, group: &str, r: Receipt, after: Duration) -> impl std::future::Future<Output = ()> + Send + 'static {
@@ -604,7 +683,7 @@ impl Converter {
         let conns: Vec<Arc<ConnState>> = lock(&self.conns).values().cloned().collect();
         for st in conns {
             let silent_ms = now_ms().saturating_sub(st.last_request_ms.load(Ordering::Relaxed));
-            if silent_ms > LIVENESS_MS {
+            if silent_ms > LIVENESS_MS || st.moving.load(Ordering::SeqCst) {
                 continue;
             }
             let due = lock(&st.sessions).due_for_renewal(now_ms() as i64, RENEW_MARGIN_MS);
@@ -612,6 +691,11 @@ impl Converter {
                 debug!(pod = %st.handle.pod, due = due.len(), "renewing receipts the client still holds");
             }
             for (key, offset, r) in due {
+                // Moving to a successor: it renews from the handles it gets, so none may change now.
+                if st.moving.load(Ordering::SeqCst) {
+                    lock(&st.sessions).renewal_failed(&key, offset, &r);
+                    continue;
+                }
                 let opaque = self.brokers.opaque();
                 let (ch, cb) = requests::change_invisible(opaque, &key.group, &r, self.cfg.invisible.as_millis() as i64);
                 let res = self.brokers.request(served_by(&st, &r), ch, &cb, Duration::from_secs(5)).await;
@@ -636,6 +720,173 @@ impl Converter {
                     Renewal::Release(r) => self.release(&st, &key.group, vec![r]),
                 }
             }
+        }
+    }
+}
+
+/// A connection's Pull→Pop and ack-routing state, as it moves to a successor agent.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct ConnSnapshot {
+    client_id: Option<String>,
+    /// Each group the client registered, and whether it is converted.
+    groups: Vec<(ConsumerData, bool)>,
+    sessions: Sessions,
+    /// Route lookups awaiting their answer: (opaque, topic).
+    route_requests: Vec<(i32, String)>,
+    /// Pop-native requests awaiting their answer.
+    native: serde_json::Value,
+}
+
+/// What every connection shares: learned routes and broker facts, and the ack-routing table.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct SharedSnapshot {
+    broker_names: Vec<(SocketAddr, String)>,
+    routes: Vec<(String, Vec<RouteBroker>)>,
+    orderly: Vec<String>,
+    batch_formats: Vec<(SocketAddr, Option<BitSetFormat>)>,
+    ack_routes: Vec<(AckKey, SocketAddr, u64)>,
+}
+
+impl Converter {
+    /// The connection paused for a hand-over: answer its PULLs still waiting on a POP ("no
+    /// new message"; their messages are released when the POP returns), wait until its
+    /// other requests and renewals are answered, and give up its state for the successor.
+    async fn export_conn(&self, conn: &ConnHandle) -> Option<String> {
+        let route_requests: Vec<(i32, String)> = {
+            let mut pending = lock(&self.route_requests);
+            let mine: Vec<i32> = pending.keys().filter(|(id, _)| *id == conn.id).map(|(_, o)| *o).collect();
+            mine.into_iter().filter_map(|o| pending.remove(&(conn.id, o)).map(|t| (o, t))).collect()
+        };
+        let native = self.native.as_ref().map(|n| n.export_conn(conn)).unwrap_or_default();
+        let mut snap = ConnSnapshot { route_requests, native, ..Default::default() };
+        if let Some(st) = self.existing(conn) {
+            st.moving.store(true, Ordering::SeqCst);
+            let answered = {
+                let mut pulls = lock(&st.pulls);
+                let mut sessions = lock(&st.sessions);
+                let n = pulls.len();
+                for (opaque, p) in pulls.drain() {
+                    if let Some((key, generation)) = p.started {
+                        sessions.abandon_pull(&key, generation);
+                    }
+                    let (rh, body) = requests::pull_not_found(opaque, p.x);
+                    self.reply(&st, rh, &body);
+                }
+                n
+            };
+            let deadline = tokio::time::Instant::now() + QUIESCE;
+            let quiet = || st.busy.load(Ordering::SeqCst) == 0 && lock(&st.sessions).renewals_in_flight() == 0;
+            while !quiet() && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            if !quiet() {
+                warn!(pod = %conn.pod, "a request or renewal of this connection is still unanswered; the successor may see a stale handle (the message may be delivered twice)");
+            }
+            st.closed.store(true, Ordering::SeqCst);
+            lock(&self.conns).remove(&conn.id);
+            snap.client_id = lock(&st.client_id).clone();
+            snap.groups = lock(&st.groups).values().map(|g| (g.consumer.clone(), g.decision == Decision::Convert)).collect();
+            snap.sessions = lock(&st.sessions).clone();
+            let held = snap.sessions.held();
+            if held > 0 || answered > 0 {
+                self.metrics.pop_n("handover_out", held as u64);
+                info!(pod = %conn.pod, receipts = held, pulls_answered = answered, "handing this connection's Pull→Pop state to the new agent");
+            }
+        }
+        let empty = snap.groups.is_empty() && snap.route_requests.is_empty() && snap.native.as_array().is_none_or(|a| a.is_empty());
+        if empty {
+            return None;
+        }
+        match serde_json::to_string(&snap) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                warn!(pod = %conn.pod, error = %e, "cannot encode a connection's Pull→Pop state; its messages come back after the invisible time");
+                None
+            }
+        }
+    }
+
+    /// A connection the predecessor handed over, with its state.
+    fn adopt_conn(&self, conn: &ConnHandle, state: &str) {
+        let snap: ConnSnapshot = match serde_json::from_str(state) {
+            Ok(s) => s,
+            Err(e) => return warn!(pod = %conn.pod, error = %e, "the previous agent's state for this connection is unreadable; its messages come back after the invisible time"),
+        };
+        if let Some(n) = &self.native {
+            n.adopt_conn(conn, snap.native);
+        }
+        {
+            let mut pending = lock(&self.route_requests);
+            for (o, t) in snap.route_requests {
+                pending.insert((conn.id, o), t);
+            }
+        }
+        if snap.groups.is_empty() {
+            return;
+        }
+        let groups = snap
+            .groups
+            .into_iter()
+            .map(|(consumer, convert)| {
+                let decision = if convert { Decision::Convert } else { Decision::PassThrough("relayed unconverted by the previous agent") };
+                (consumer.group_name.clone(), GroupState { consumer, decision })
+            })
+            .collect();
+        let held = snap.sessions.held();
+        let st = Arc::new(ConnState::new(conn.clone(), snap.client_id, groups, snap.sessions));
+        lock(&self.conns).insert(conn.id, st);
+        self.metrics.pop_n("handover_in", held as u64);
+        info!(pod = %conn.pod, receipts = held, "adopted the previous agent's Pull→Pop state for this connection");
+    }
+
+    fn export_shared(&self) -> Option<String> {
+        let snap = SharedSnapshot {
+            broker_names: lock(&self.broker_names).iter().map(|(a, n)| (*a, n.clone())).collect(),
+            routes: lock(&self.chooser).routes(),
+            orderly: lock(&self.orderly).iter().cloned().collect(),
+            batch_formats: lock(&self.batch_formats).iter().map(|(a, f)| (*a, *f)).collect(),
+            ack_routes: self.native.as_ref().map(|n| n.export_routes()).unwrap_or_default(),
+        };
+        serde_json::to_string(&snap).ok()
+    }
+
+    fn adopt_shared(&self, state: &str) {
+        let snap: SharedSnapshot = match serde_json::from_str(state) {
+            Ok(s) => s,
+            Err(e) => return warn!(error = %e, "the previous agent's shared Pop state is unreadable; routes are learned again"),
+        };
+        let ack_routes = snap.ack_routes.len();
+        {
+            let mut names = lock(&self.broker_names);
+            for (a, n) in snap.broker_names {
+                names.entry(a).or_insert(n);
+            }
+        }
+        lock(&self.chooser).adopt(snap.routes);
+        lock(&self.orderly).extend(snap.orderly);
+        {
+            let mut formats = lock(&self.batch_formats);
+            for (a, f) in snap.batch_formats {
+                formats.entry(a).or_insert(f);
+            }
+        }
+        if let Some(n) = &self.native {
+            n.adopt_routes(snap.ack_routes);
+        }
+        debug!(ack_routes, "adopted the previous agent's routes");
+    }
+
+    /// Waits (up to `limit`) for the work started for clients to finish: acknowledgements,
+    /// releases, and POPs of PULLs answered at a hand-over (whose messages are released when
+    /// they come back).
+    pub async fn settle(&self, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.tasks.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let left = self.tasks.load(Ordering::SeqCst);
+        if left > 0 {
+            warn!(tasks = left, "exiting with broker requests unanswered; their messages come back after the invisible time");
         }
     }
 }
@@ -709,17 +960,28 @@ impl Interceptor for Converter {
 
     fn taken(&self, conn: &ConnHandle, header: Header, frame: Vec<u8>) {
         let Some(me) = self.me.upgrade() else { return };
+        let st = self.state(conn);
+        // Registered before this returns, so that a hand-over, which starts only after the
+        // relay paused, sees every taken request.
+        if header.code == code::PULL_MESSAGE {
+            let x = header.ext("queueOffset").and_then(|v| v.parse().ok()).unwrap_or(0);
+            lock(&st.pulls).insert(header.opaque, PullInFlight { x, started: None });
+            return self.spawn(me.handle(st, header, frame));
+        }
+        let busy = Busy::new(&st);
         if matches!(header.code, code::ACK_MESSAGE | code::CHANGE_MESSAGE_INVISIBLETIME | code::BATCH_ACK_MESSAGE) {
             let conn = conn.clone();
-            tokio::spawn(async move {
+            return self.spawn(async move {
                 if let Some(n) = &me.native {
                     n.taken(conn, header, frame, |a| me.broker_name(a)).await;
                 }
+                drop(busy);
             });
-            return;
         }
-        let st = self.state(conn);
-        tokio::spawn(me.handle(st, header, frame));
+        self.spawn(async move {
+            me.handle(st, header, frame).await;
+            drop(busy);
+        });
     }
 
     fn inspected(&self, conn: &ConnHandle, header: Header, frame: Vec<u8>) {
@@ -756,6 +1018,22 @@ impl Interceptor for Converter {
         }
     }
 
+    fn export<'a>(&'a self, conn: &'a ConnHandle) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<String>> + Send + 'a>> {
+        Box::pin(self.export_conn(conn))
+    }
+
+    fn adopt(&self, conn: &ConnHandle, state: &str) {
+        self.adopt_conn(conn, state)
+    }
+
+    fn export_shared(&self) -> Option<String> {
+        Converter::export_shared(self)
+    }
+
+    fn adopt_shared(&self, state: &str) {
+        Converter::adopt_shared(self, state)
+    }
+
     fn pins(&self, conn: &ConnHandle) -> bool {
         // Receipts live in this process; such a connection drains instead of moving.
         self.existing(conn).is_some_and(|st| lock(&st.groups).values().any(|g| g.decision == Decision::Convert))
@@ -784,6 +1062,89 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn converter() -> Arc<Converter> {
+        use crate::socket::{CaptureMode, KernelSockets};
+        let sockets = Arc::new(KernelSockets { mode: CaptureMode::Tproxy, mark: 0, keepalive: Duration::from_secs(30) });
+        let brokers = Arc::new(BrokerClients::new(sockets, Limits::default(), Duration::from_secs(1)));
+        let cfg = ConvertConfig {
+            policy: ConvertPolicy::All,
+            invisible: Duration::from_secs(60),
+            release: Duration::from_secs(1),
+            max_reconsume: None,
+            retry_delay: None,
+            ack_routing: true,
+        };
+        Converter::new(cfg, brokers, Arc::new(Metrics::new()), Limits::default())
+    }
+
+    fn receipt(q: i64) -> Receipt {
+        Receipt {
+            broker_name: "bk".into(),
+            broker_addr: Some("10.0.0.1:10911".parse().unwrap()),
+            topic: "T".into(),
+            original_topic: "T".into(),
+            queue_id: 0,
+            queue_offset: q,
+            extra_info: format!("{q} 1000 60000 0 0 bk 0 {q}"),
+            commit_log_offset: q * 100,
+            uniq_key: None,
+            reconsume_times: 0,
+            invisible_ms: 60_000,
+            pop_time: now_ms() as i64,
+            revive_qid: 0,
+            retry_flag: "0".into(),
+        }
+    }
+
+    /// A converted connection's receipts and groups move to the successor; a PULL still
+    /// waiting on its POP is answered "no new message" at the offset the client asked for.
+    #[tokio::test]
+    async fn a_converted_connection_moves_with_its_receipts() {
+        use crate::addr::{OrigDst, PodAddr};
+        use crate::pop::heartbeat::{ConsumeFromWhere, ConsumeType, MessageModel};
+        let (old, new) = (converter(), converter());
+        let (pod, dst) = (PodAddr::new("10.200.1.2:5000".parse().unwrap()), OrigDst::new("10.0.0.1:10911".parse().unwrap()));
+        let (conn, mut to_client, _) = ConnHandle::for_test(1, pod, dst);
+        let consumer = ConsumerData {
+            group_name: "g".into(),
+            consume_type: ConsumeType::Passively,
+            message_model: MessageModel::Clustering,
+            consume_from_where: ConsumeFromWhere::LastOffset,
+            subscriptions: Vec::new(),
+        };
+        let st = old.state(&conn);
+        lock(&st.groups).insert("g".into(), GroupState { consumer, decision: Decision::Convert });
+        let key = SessionKey::new("g", "T", 0);
+        {
+            let mut s = lock(&st.sessions);
+            s.on_pull(&key, 100);
+            let g = s.generation(&key).unwrap();
+            s.assign(&key, g, 100, vec![receipt(1), receipt(2)]).unwrap();
+            s.on_pull(&SessionKey::new("g", "T", 1), 7);
+        }
+        let g = lock(&st.sessions).generation(&SessionKey::new("g", "T", 1)).unwrap();
+        lock(&st.pulls).insert(42, PullInFlight { x: 7, started: Some((SessionKey::new("g", "T", 1), g)) });
+        lock(&old.broker_names).insert(dst.0, "bk".into());
+
+        let shared = old.export_shared().unwrap();
+        let state = old.export_conn(&conn).await.unwrap();
+        assert!(st.closed.load(Ordering::SeqCst) && old.existing(&conn).is_none(), "the old agent lets go of the connection");
+        let answer = to_client.try_recv().expect("the waiting PULL is answered");
+        let (h, _) = decode_frame(&answer, &Limits::default()).unwrap();
+        assert_eq!((h.code, h.opaque, h.ext("nextBeginOffset")), (code::PULL_NOT_FOUND, 42, Some("7")));
+
+        new.adopt_shared(&shared);
+        assert_eq!(new.broker_name(dst.0).as_deref(), Some("bk"));
+        let (conn2, _, _) = ConnHandle::for_test(9, pod, dst);
+        new.adopt_conn(&conn2, &state);
+        assert!(new.converted(&conn2, "g"));
+        assert_eq!(new.pending(), vec![("g".to_string(), "T".to_string(), 2)]);
+        let st2 = new.existing(&conn2).unwrap();
+        let acks = lock(&st2.sessions).on_commit(&key, 102);
+        assert_eq!(acks.iter().map(|r| r.queue_offset).collect::<Vec<_>>(), vec![1, 2]);
+        assert_eq!(acks[0].broker_addr, Some(dst.0));
+    }
 
     #[test]
     fn retry_delays_follow_the_broker_levels() {

@@ -4,6 +4,8 @@
 //! none) and no accept backlog is lost. The old agent then pauses each live
 //! connection at a read boundary and passes both of its sockets, with any
 //! partly read header bytes, so the new agent resumes relaying mid-stream.
+//! A connection's Pull→Pop state (receipts, sessions) and the learned routes
+//! travel too, as JSON split into `Part` messages.
 //!
 //! SOCK_SEQPACKET keeps each message and its fds together.
 use std::io::{self, IoSlice, IoSliceMut};
@@ -18,12 +20,15 @@ use serde::{Deserialize, Serialize};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
-use crate::relay::Carry;
+use crate::relay::{Carry, Unanswered};
 use crate::sys;
 
 /// Largest hand-off message; a connection whose pending bytes don't fit is
-/// drained instead of handed over.
+/// drained instead of handed over. (A seqpacket message must also fit the
+/// socket's send buffer, about 208 KiB by default.)
 pub const MAX_MSG: usize = 256 * 1024;
+/// State larger than this goes in several `Part` messages.
+const PART: usize = 64 * 1024;
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -32,10 +37,28 @@ pub enum Msg {
     Takeover { pid: u32 },
     /// Old → new, with the listening socket attached.
     Listener { generation: u64, listen: String },
-    /// New → old: I am accepting; stop and send your connections.
-    Ready { pid: u32 },
+    /// New → old: I am accepting; stop and send your connections. `adopts_state`: send
+    /// converted connections too, with their state (agents before it lacked the field).
+    Ready {
+        pid: u32,
+        #[serde(default)]
+        adopts_state: bool,
+    },
+    /// A piece of the JSON state that the next `Conn` (with `state`) or `Shared` carries.
+    Part { data: String },
     /// Old → new, with the pod-side and broker-side sockets attached.
-    Conn { pod: std::net::SocketAddr, dst: std::net::SocketAddr, up: Carry, down: Carry },
+    Conn {
+        pod: std::net::SocketAddr,
+        dst: std::net::SocketAddr,
+        up: Carry,
+        down: Carry,
+        #[serde(default)]
+        requests: Unanswered,
+        #[serde(default)]
+        state: bool,
+    },
+    /// Old → new: the parts before it are the state every connection shares.
+    Shared,
     /// Old → new: nothing more is coming.
     Done,
 }
@@ -109,6 +132,20 @@ impl Peer {
                 Ok(())
             })
             .await
+    }
+
+    /// Sends `state` as `Part` messages, split at character boundaries.
+    pub async fn send_parts(&self, mut state: &str) -> io::Result<()> {
+        while !state.is_empty() {
+            let mut end = state.len().min(PART);
+            while !state.is_char_boundary(end) {
+                end -= 1;
+            }
+            let (part, rest) = state.split_at(end);
+            self.send(&Msg::Part { data: part.to_owned() }, &[]).await?;
+            state = rest;
+        }
+        Ok(())
     }
 
     /// The next message and the descriptors that came with it.

@@ -24,6 +24,7 @@ const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_PENDING: usize = 65_536;
 
 /// A request whose response adds a route.
+#[derive(serde::Serialize, serde::Deserialize)]
 enum Pending {
     Pop { group: String, topic: String },
     /// A CHANGE_INVISIBLETIME relayed to the broker that served the pop: its response's new
@@ -150,6 +151,34 @@ impl NativePop {
     /// The connection is gone: its unanswered requests will never be answered.
     pub fn closed(&self, conn: &ConnHandle) {
         lock(&self.pending).retain(|(id, _), _| *id != conn.id);
+    }
+
+    /// The connection moves to a successor agent: its unanswered requests, to be answered there.
+    pub fn export_conn(&self, conn: &ConnHandle) -> serde_json::Value {
+        let mut pending = lock(&self.pending);
+        let mine: Vec<i32> = pending.keys().filter(|(id, _)| *id == conn.id).map(|(_, o)| *o).collect();
+        let out: Vec<(i32, Pending)> = mine.into_iter().filter_map(|o| pending.remove(&(conn.id, o)).map(|p| (o, p))).collect();
+        serde_json::to_value(out).unwrap_or_default()
+    }
+
+    /// Unanswered requests of a connection a predecessor handed over.
+    pub fn adopt_conn(&self, conn: &ConnHandle, v: serde_json::Value) {
+        let Ok(list) = serde_json::from_value::<Vec<(i32, Pending)>>(v) else { return };
+        let mut pending = lock(&self.pending);
+        for (o, p) in list {
+            if pending.len() < MAX_PENDING {
+                pending.insert((conn.id, o), p);
+            }
+        }
+    }
+
+    /// The routing table, for a successor agent.
+    pub fn export_routes(&self) -> Vec<(AckKey, SocketAddr, u64)> {
+        lock(&self.routes).entries(now_ms())
+    }
+
+    pub fn adopt_routes(&self, entries: Vec<(AckKey, SocketAddr, u64)>) {
+        lock(&self.routes).adopt(entries, now_ms());
     }
 
     /// A request taken by `client_request` (ACK/CIT served elsewhere, every BATCH_ACK).

@@ -2,8 +2,10 @@
 //! open the matching upstream, and relay frames byte-exact in both directions
 //! while tracking requests (either side may send them) for logs and metrics.
 use std::collections::HashMap;
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -46,6 +48,8 @@ pub struct ProxyCtx {
     pub draining: AtomicBool,
     /// Features that handle some requests themselves (Pull→Pop conversion).
     pub interceptor: Option<Arc<dyn Interceptor>>,
+    /// The successor takes the interceptor's per-connection state: no connection is pinned.
+    pub successor_adopts_state: AtomicBool,
 }
 
 /// RocketMQ clients newer than 5.3.1 (version ordinal 475) reconnect and
@@ -90,7 +94,17 @@ pub trait Interceptor: Send + Sync + 'static {
     /// A copy of a frame forwarded with [`Verdict::Inspect`], complete.
     fn inspected(&self, conn: &ConnHandle, header: Header, frame: Vec<u8>);
     fn closed(&self, conn: &ConnHandle);
-    /// Whether the connection holds state that cannot move to a successor agent.
+    /// The connection paused for a hand-over (instead of `closed`): finish or answer what is
+    /// under way for it (answers go to the client before the sockets move) and return its
+    /// state for the successor.
+    fn export<'a>(&'a self, conn: &'a ConnHandle) -> Pin<Box<dyn Future<Output = Option<String>> + Send + 'a>>;
+    /// State a predecessor exported for this (inherited) connection.
+    fn adopt(&self, conn: &ConnHandle, state: &str);
+    /// State shared by all connections (learned routes), for a successor.
+    fn export_shared(&self) -> Option<String>;
+    fn adopt_shared(&self, state: &str);
+    /// Whether the connection holds state that cannot move to a successor agent that does
+    /// not adopt state.
     fn pins(&self, conn: &ConnHandle) -> bool;
 }
 
@@ -144,6 +158,17 @@ pub struct MigratedConn {
     pub dst: OrigDst,
     pub up: Carry,
     pub down: Carry,
+    pub requests: Unanswered,
+    /// The interceptor's state for it (JSON), see [`Interceptor::export`].
+    pub state: Option<String>,
+}
+
+/// Requests awaiting their answer when a connection moves, as (opaque, code): the
+/// successor times them and shows their answers to the interceptor.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct Unanswered {
+    pub client: Vec<(i32, i32)>,
+    pub broker: Vec<(i32, i32)>,
 }
 
 /// Which peer sent a frame.
@@ -223,23 +248,35 @@ pub async fn serve(ctx: Arc<ProxyCtx>, client: TcpStream, peer: SocketAddr) {
     let _ = client.set_nodelay(true);
     ctx.metrics.connection("proxied");
     debug!(%pod, orig_dst = %dst, "connection opened");
-    run(ctx, client, upstream, pod, dst, Carry::default(), Carry::default()).await;
+    let ends = Ends { client, upstream, pod, dst };
+    run(ctx, ends, Carry::default(), Carry::default(), Unanswered::default(), None).await;
 }
 
 /// Continues a connection that the predecessor agent paused and handed over.
 pub async fn resume(ctx: Arc<ProxyCtx>, m: MigratedConn) {
     ctx.metrics.connection("inherited");
-    debug!(pod = %m.pod, orig_dst = %m.dst, "connection inherited from the previous agent");
-    run(ctx, m.client, m.upstream, m.pod, m.dst, m.up, m.down).await;
+    debug!(pod = %m.pod, orig_dst = %m.dst, state = m.state.is_some(), "connection inherited from the previous agent");
+    let ends = Ends { client: m.client, upstream: m.upstream, pod: m.pod, dst: m.dst };
+    run(ctx, ends, m.up, m.down, m.requests, m.state).await;
 }
 
-async fn run(ctx: Arc<ProxyCtx>, client: TcpStream, upstream: TcpStream, pod: PodAddr, dst: OrigDst, up: Carry, down: Carry) {
+struct Ends {
+    client: TcpStream,
+    upstream: TcpStream,
+    pod: PodAddr,
+    dst: OrigDst,
+}
+
+async fn run(ctx: Arc<ProxyCtx>, ends: Ends, up: Carry, down: Carry, unanswered: Unanswered, state: Option<String>) {
     static IDS: AtomicU64 = AtomicU64::new(1);
+    let Ends { client, upstream, pod, dst } = ends;
     ctx.metrics.connections_active.inc();
     let registration = ctx.registry.register(pod, dst);
-    let (to_client, injections) = mpsc::unbounded_channel();
-    let (to_broker, up_injections) = mpsc::unbounded_channel();
+    let (to_client, mut injections) = mpsc::unbounded_channel();
+    let (to_broker, mut up_injections) = mpsc::unbounded_channel();
     let handle = ConnHandle { id: IDS.fetch_add(1, Ordering::Relaxed), pod, dst, to_client, to_broker };
+    let now = Instant::now();
+    let table = |v: Vec<(i32, i32)>| Mutex::new(Inflight(v.into_iter().map(|(o, c)| (o, (c, now))).collect()));
     let conn = Conn {
         ctx: &ctx,
         pod,
@@ -247,20 +284,45 @@ async fn run(ctx: Arc<ProxyCtx>, client: TcpStream, upstream: TcpStream, pod: Po
         stats: &registration.stats,
         handle,
         client_version: AtomicI32::new(0),
-        client_reqs: Default::default(),
-        broker_reqs: Default::default(),
+        client_reqs: table(unanswered.client),
+        broker_reqs: table(unanswered.broker),
         requests: AtomicU64::new(0),
     };
-    let end = conn.relay(&client, &upstream, up, down, up_injections, injections).await;
-    if let Some(i) = &ctx.interceptor {
-        i.closed(&conn.handle);
+    match (&ctx.interceptor, state) {
+        (Some(i), Some(state)) => i.adopt(&conn.handle, &state),
+        (None, Some(_)) => warn!(%pod, orig_dst = %dst, "the previous agent handed over Pull→Pop state but conversion and ack routing are off here; its messages come back after the invisible time"),
+        _ => {}
     }
+    let end = conn.relay(&client, &upstream, up, down, &mut up_injections, &mut injections).await;
+    let mut state = None;
+    if let Some(i) = &ctx.interceptor {
+        match end {
+            RelayEnd::Paused(..) => state = i.export(&conn.handle).await,
+            RelayEnd::Closed => i.closed(&conn.handle),
+        }
+    }
+    if let RelayEnd::Paused(..) = end {
+        // Answers the agent queued while winding down: both streams are at frame boundaries.
+        let flushed = async {
+            while let Ok(f) = injections.try_recv() {
+                write_all(&client, &f).await?;
+            }
+            while let Ok(f) = up_injections.try_recv() {
+                write_all(&upstream, &f).await?;
+            }
+            io::Result::Ok(())
+        };
+        if let Err(e) = flushed.await {
+            debug!(%pod, orig_dst = %dst, error = %e, "could not write the agent's last answers before the hand-over");
+        }
+    }
+    let requests = Unanswered { client: conn.unanswered(&conn.client_reqs), broker: conn.unanswered(&conn.broker_reqs) };
     drop(registration);
     if let RelayEnd::Paused(up, down) = end {
-        let m = MigratedConn { client, upstream, pod, dst, up, down };
+        let m = MigratedConn { client, upstream, pod, dst, up, down, requests, state };
         ctx.in_transit.fetch_add(1, Ordering::SeqCst);
-        match ctx.handoff.get().map(|tx| tx.send(m)) {
-            Some(Ok(())) => ctx.metrics.connection("handed_over"),
+        match ctx.handoff.get().map(|tx| tx.send(m).is_ok()) {
+            Some(true) => ctx.metrics.connection("handed_over"),
             // The successor went away mid-hand-over: closing is all that is left.
             _ => {
                 ctx.in_transit.fetch_sub(1, Ordering::SeqCst);
@@ -316,11 +378,11 @@ impl Conn<'_> {
         broker: &TcpStream,
         up: Carry,
         down: Carry,
-        up_injections: mpsc::UnboundedReceiver<Vec<u8>>,
-        down_injections: mpsc::UnboundedReceiver<Vec<u8>>,
+        up_injections: &mut mpsc::UnboundedReceiver<Vec<u8>>,
+        down_injections: &mut mpsc::UnboundedReceiver<Vec<u8>>,
     ) -> RelayEnd {
-        let up = self.pump(client, broker, Side::Client, up, Some(up_injections));
-        let down = self.pump(broker, client, Side::Broker, down, Some(down_injections));
+        let up = self.pump(client, broker, Side::Client, up, up_injections);
+        let down = self.pump(broker, client, Side::Broker, down, down_injections);
         tokio::pin!(up, down);
         let (first, result) = tokio::select! {
             r = &mut up => (Side::Client, r),
@@ -415,7 +477,7 @@ impl Conn<'_> {
         to: &TcpStream,
         side: Side,
         carry: Carry,
-        mut injections: Option<mpsc::UnboundedReceiver<Vec<u8>>>,
+        injections: &mut mpsc::UnboundedReceiver<Vec<u8>>,
     ) -> Result<PumpEnd, RelayError> {
         let mut scanner = FrameScanner::resume(self.ctx.limits, (carry.body_left, carry.body_frame_len));
         let mut frames: Vec<FrameMeta> = Vec::new();
@@ -425,6 +487,8 @@ impl Conn<'_> {
         let mut tail = Tail::Forward;
         let mut migrate = self.ctx.migrate.clone();
         let mut lowat = 1usize;
+        // Pinned to this agent by state the successor cannot take: relays until it closes.
+        let mut stay = false;
         loop {
             let at_boundary = match tail {
                 Tail::Forward | Tail::Inspect { .. } => scanner.body_state().0 == 0,
@@ -434,16 +498,19 @@ impl Conn<'_> {
             // so this is where a connection may pause for a hand-over.
             tokio::select! {
                 biased;
-                true = migrating(&mut migrate), if at_boundary && matches!(tail, Tail::Forward) && !self.pinned() => {
-                    if let Some(rx) = injections.as_mut() {
-                        while let Ok(frame) = rx.try_recv() {
-                            write_all(to, &frame).await?;
-                        }
+                true = migrating(&mut migrate), if at_boundary && matches!(tail, Tail::Forward) && !stay => {
+                    // Decided when the hand-over starts, not when this select began.
+                    if self.pinned() {
+                        stay = true;
+                        continue;
+                    }
+                    while let Ok(frame) = injections.try_recv() {
+                        write_all(to, &frame).await?;
                     }
                     let (body_left, body_frame_len) = scanner.body_state();
                     return Ok(PumpEnd::Paused(total, Carry { pending: buf, body_left, body_frame_len }));
                 }
-                Some(frame) = recv_some(&mut injections), if at_boundary => {
+                Some(frame) = injections.recv(), if at_boundary => {
                     write_all(to, &frame).await?;
                     continue;
                 }
@@ -627,7 +694,11 @@ impl Conn<'_> {
     }
 
     fn pinned(&self) -> bool {
-        self.ctx.interceptor.as_ref().is_some_and(|i| i.pins(&self.handle))
+        !self.ctx.successor_adopts_state.load(Ordering::Relaxed) && self.ctx.interceptor.as_ref().is_some_and(|i| i.pins(&self.handle))
+    }
+
+    fn unanswered(&self, table: &Mutex<Inflight>) -> Vec<(i32, i32)> {
+        table.lock().unwrap_or_else(|p| p.into_inner()).0.iter().map(|(o, (c, _))| (*o, *c)).collect()
     }
 
     /// Requests the agent handled itself are counted but not timed.
@@ -758,14 +829,6 @@ enum Tail {
 /// Resolves once a hand-over starts (never if the agent is not upgrading).
 async fn migrating(rx: &mut watch::Receiver<bool>) -> bool {
     rx.wait_for(|m| *m).await.is_ok()
-}
-
-/// `recv` on an optional channel; never ready when there is none.
-async fn recv_some(rx: &mut Option<mpsc::UnboundedReceiver<Vec<u8>>>) -> Option<Vec<u8>> {
-    match rx {
-        Some(rx) => rx.recv().await,
-        None => std::future::pending().await,
-    }
 }
 
 async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {

@@ -67,6 +67,8 @@ pub struct Agent<'lab> {
     options: AgentOptions,
     child: Option<Child>,
     log_path: PathBuf,
+    /// Agents that handed over and are still finishing (see [`Agent::upgrade_no_wait`]).
+    predecessors: Vec<Child>,
 }
 
 impl<'lab> Agent<'lab> {
@@ -75,7 +77,7 @@ impl<'lab> Agent<'lab> {
     pub fn start(lab: &'lab Lab, options: AgentOptions) -> Result<Agent<'lab>> {
         let bin = agent_binary()?;
         let log_path = lab.workdir().join("agent.log");
-        let mut agent = Agent { lab, bin, options, child: None, log_path };
+        let mut agent = Agent { lab, bin, options, child: None, log_path, predecessors: Vec::new() };
         agent.spawn()?;
         Ok(agent)
     }
@@ -92,7 +94,8 @@ impl<'lab> Agent<'lab> {
         let mut old = self.child.take().context("no agent is running to upgrade")?;
         let new = self.launch()?;
         self.child = Some(new);
-        let exited = wait_for("the old agent to hand over and exit", Duration::from_secs(20), || Ok(old.try_wait()?));
+        // It stays until the POPs it started come back (a long poll lasts up to 20 s).
+        let exited = wait_for("the old agent to hand over and exit", Duration::from_secs(45), || Ok(old.try_wait()?));
         if let Err(e) = exited {
             let _ = kill(Pid::from_raw(old.id() as i32), Signal::SIGKILL);
             let _ = old.wait();
@@ -104,6 +107,38 @@ impl<'lab> Agent<'lab> {
         Ok(())
     }
 
+    /// Like [`Agent::upgrade`], but returns once the old agent says the hand-over is
+    /// complete, without waiting for it to exit (it may still be waiting for broker
+    /// requests it started). See [`Agent::wait_predecessors`].
+    pub fn upgrade_no_wait(&mut self) -> Result<()> {
+        let done = |a: &Self| -> Result<usize> { Ok(a.log()?.lines.iter().filter(|l| l.is("hand-over complete")).count()) };
+        let before = done(self)?;
+        let old = self.child.take().context("no agent is running to upgrade")?;
+        let new = self.launch()?;
+        self.child = Some(new);
+        self.predecessors.push(old);
+        wait_for("the old agent to complete the hand-over", Duration::from_secs(20), || Ok((done(self)? > before).then_some(())))
+            .with_context(|| format!("agent log tail:\n{}", self.log_text_tail(30)))?;
+        if !self.is_running() {
+            bail!("the new agent died during the hand-over; log:\n{}", self.log_text_tail(30));
+        }
+        Ok(())
+    }
+
+    /// Waits for every agent left by [`Agent::upgrade_no_wait`] to exit on its own.
+    pub fn wait_predecessors(&mut self, timeout: Duration) -> Result<()> {
+        for mut old in std::mem::take(&mut self.predecessors) {
+            let pid = old.id();
+            let exited = wait_for("an agent that handed over to exit", timeout, || Ok(old.try_wait()?));
+            if let Err(e) = exited {
+                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                let _ = old.wait();
+                return Err(e.context(format!("agent pid {pid} was still running; log tail:\n{}", self.log_text_tail(30))));
+            }
+        }
+        Ok(())
+    }
+
     /// Like [`Agent::upgrade`] for a predecessor started with `--idle-after-handover`:
     /// waits until it has handed over and says it idles, and returns its process,
     /// still running (the caller ends it).
@@ -111,7 +146,7 @@ impl<'lab> Agent<'lab> {
         let old = self.child.take().context("no agent is running to upgrade")?;
         let new = self.launch()?;
         self.child = Some(new);
-        self.wait_log("the predecessor to hand over and idle", Duration::from_secs(20), |l| {
+        self.wait_log("the predecessor to hand over and idle", Duration::from_secs(45), |l| {
             l.is("handed over to a newer agent; idle until SIGTERM")
         })?;
         if !self.is_running() {
@@ -293,6 +328,10 @@ impl<'lab> Agent<'lab> {
 
 impl Drop for Agent<'_> {
     fn drop(&mut self) {
+        for mut old in std::mem::take(&mut self.predecessors) {
+            let _ = kill(Pid::from_raw(old.id() as i32), Signal::SIGKILL);
+            let _ = old.wait();
+        }
         if let Err(e) = self.stop() {
             eprintln!("stopping rmq-agent: {e:#}");
         }

@@ -28,7 +28,7 @@ pub const MAX_ROUTES: usize = 200_000;
 /// Expired entries are dropped at most this often, on insert.
 const SWEEP_EVERY_MS: u64 = 5_000;
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct AckKey {
     pub group: String,
     /// The topic the client popped (retry topics folded back to it).
@@ -215,6 +215,25 @@ impl AckRoutes {
         }
         let expires = now_ms.saturating_add(invisible_ms.max(0) as u64).saturating_add(GRACE_MS);
         self.map.insert(key, (addr, expires));
+    }
+
+    /// Live entries with their expiry, for a successor agent.
+    pub fn entries(&self, now_ms: u64) -> Vec<(AckKey, SocketAddr, u64)> {
+        self.map.iter().filter(|(_, (_, exp))| *exp > now_ms).map(|(k, (a, exp))| (k.clone(), *a, *exp)).collect()
+    }
+
+    /// Entries a predecessor recorded; this agent's own entries win, and the bound holds.
+    pub fn adopt(&mut self, entries: Vec<(AckKey, SocketAddr, u64)>, now_ms: u64) {
+        for (k, a, exp) in entries {
+            if exp <= now_ms || self.map.contains_key(&k) {
+                continue;
+            }
+            if self.map.len() >= MAX_ROUTES {
+                self.refused += 1;
+                continue;
+            }
+            self.map.insert(k, (a, exp));
+        }
     }
 
     pub fn lookup(&self, key: &AckKey, now_ms: u64) -> Option<SocketAddr> {

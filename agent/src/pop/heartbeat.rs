@@ -18,7 +18,7 @@ pub struct ProducerData {
     pub group_name: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ConsumerData {
     pub group_name: String,
     pub consume_type: ConsumeType,
@@ -33,7 +33,7 @@ impl ConsumerData {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SubscriptionData {
     pub topic: String,
     pub sub_string: String,
@@ -44,7 +44,7 @@ pub struct SubscriptionData {
 }
 
 /// Unknown values are kept so the policy can pass such groups through instead of guessing.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ConsumeType {
     /// Pull / lite-pull consumers (CONSUME_ACTIVELY, ordinal 0).
     Actively,
@@ -55,7 +55,7 @@ pub enum ConsumeType {
     Unknown(String),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum MessageModel {
     Broadcasting,
     Clustering,
@@ -63,7 +63,7 @@ pub enum MessageModel {
 }
 
 /// Java's `ConsumeFromWhere`, in ordinal order (cpp uses the same order).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ConsumeFromWhere {
     LastOffset,
     LastOffsetAndFromMinWhenBootFirst,

@@ -12,7 +12,7 @@ use super::error::PopError;
 pub const RETRY_PREFIX: &str = "%RETRY%";
 
 /// Everything needed to ACK / CHANGE_INVISIBLETIME / dead-letter one popped message.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Receipt {
     pub broker_name: String,
     /// The address that served the pop; ACK, CHANGE_INVISIBLETIME and DLQ moves go there.

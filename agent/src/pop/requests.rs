@@ -103,7 +103,7 @@ pub fn batch_ackable(group: &str, broker_name: &str, receipt: &Receipt) -> bool 
 }
 
 /// How the BatchAck bit set `b` is written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum BitSetFormat {
     /// Java (`BitSetSerializerDeserializer`): base64 of `BitSet.toByteArray()`.
     #[default]

@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 const PERM_READ: i64 = 4;
 
 /// One broker of a topic's route (its master, brokerId 0).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RouteBroker {
     pub name: String,
     pub addr: SocketAddr,
@@ -96,6 +96,9 @@ pub fn quote_numeric_keys(s: &str) -> String {
     String::from_utf8(out).unwrap_or_default()
 }
 
+/// A broker of a route, whether it is marked down, and its POPs in flight.
+pub type BrokerState = (RouteBroker, bool, u32);
+
 /// Picks the broker for each POP of converted groups.
 #[derive(Debug, Default)]
 pub struct Chooser {
@@ -115,6 +118,20 @@ impl Chooser {
     pub fn learn(&mut self, topic: &str, masters: Vec<RouteBroker>) {
         if !masters.is_empty() {
             self.topics.insert(topic.to_string(), masters);
+        }
+    }
+
+    /// Every learned route, for a successor agent.
+    pub fn routes(&self) -> Vec<(String, Vec<RouteBroker>)> {
+        self.topics.iter().map(|(t, b)| (t.clone(), b.clone())).collect()
+    }
+
+    /// Routes a predecessor learned, for topics this agent has not seen yet (its own are newer).
+    pub fn adopt(&mut self, routes: Vec<(String, Vec<RouteBroker>)>) {
+        for (t, b) in routes {
+            if !self.topics.contains_key(&t) {
+                self.learn(&t, b);
+            }
         }
     }
 
@@ -170,7 +187,7 @@ impl Chooser {
     }
 
     /// Every known topic's brokers with their state, sorted by topic (for the state dump).
-    pub fn snapshot(&self, now_ms: u64) -> Vec<(String, Vec<(RouteBroker, bool, u32)>)> {
+    pub fn snapshot(&self, now_ms: u64) -> Vec<(String, Vec<BrokerState>)> {
         let mut out: Vec<_> = self
             .topics
             .iter()

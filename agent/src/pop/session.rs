@@ -9,13 +9,15 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use serde::{Deserialize, Serialize};
+
 use super::receipt::Receipt;
 
 /// A renewal unanswered this long is presumed lost and the receipt is offered again.
 pub const STALE_RENEWAL_MS: i64 = 60_000;
 
 /// One popped message the client holds at a fabricated offset.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
     pub receipt: Receipt,
     /// Handed back through CHANGE_INVISIBLETIME (client send-back); never ACKed by a commit.
@@ -42,13 +44,13 @@ pub enum Renewal {
     Release(Receipt),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 enum Disposition {
     Ack,
     Release,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 struct PullState {
     generation: u64,
     offset: i64,
@@ -59,7 +61,7 @@ fn same_msg(a: &Receipt, b: &Receipt) -> bool {
     a.same_msg(b)
 }
 
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Session {
     entries: BTreeMap<i64, Entry>,
     generation: u64,
@@ -182,6 +184,19 @@ impl Session {
             .map(|(_, _, std::cmp::Reverse(off))| off)
     }
 
+    /// The PULL of `generation` will not be answered with a POP (its connection moved to
+    /// another agent): a POP that answers it later is refused by `assign`, like a superseded one.
+    pub fn abandon_pull(&mut self, generation: u64) {
+        if self.pull.is_some_and(|p| p.generation == generation) {
+            self.pull = None;
+        }
+    }
+
+    /// Renewals sent and not answered yet (their answers would change a handle).
+    pub fn renewals_in_flight(&self) -> usize {
+        self.entries.values().map(|e| e.renewals_in_flight as usize).sum::<usize>() + self.limbo.len()
+    }
+
     /// Connection closed / client unregistered: every receipt not nacked is to be released.
     /// An in-flight POP for this session will be refused by `assign`.
     pub fn take_all(&mut self) -> Vec<Receipt> {
@@ -269,7 +284,7 @@ impl Session {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct SessionKey {
     pub group: String,
     pub topic: String,
@@ -283,9 +298,11 @@ impl SessionKey {
     }
 }
 
-/// All sessions of one client connection.
-#[derive(Debug, Default, Clone)]
+/// All sessions of one client connection. Serializable: they move with the connection
+/// when a new agent takes over.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Sessions {
+    #[serde(with = "as_pairs")]
     map: HashMap<SessionKey, Session>,
     /// Shared across sessions so a recreated session never reuses a generation.
     generation: u64,
@@ -364,6 +381,23 @@ impl Sessions {
         out
     }
 
+    /// See [`Session::abandon_pull`].
+    pub fn abandon_pull(&mut self, key: &SessionKey, generation: u64) {
+        if let Some(s) = self.map.get_mut(key) {
+            s.abandon_pull(generation);
+        }
+    }
+
+    /// See [`Session::renewals_in_flight`], over every session.
+    pub fn renewals_in_flight(&self) -> usize {
+        self.map.values().map(Session::renewals_in_flight).sum()
+    }
+
+    /// Receipts held, over every session (not nacked).
+    pub fn held(&self) -> usize {
+        self.map.values().map(Session::pending).sum()
+    }
+
     /// See [`Session::due_for_renewal`]: (session, fabricated offset, receipt to renew).
     pub fn due_for_renewal(&mut self, now_ms: i64, margin_ms: i64) -> Vec<(SessionKey, i64, Receipt)> {
         let mut out = Vec::new();
@@ -407,6 +441,27 @@ impl Sessions {
             *m.entry((k.group.clone(), k.topic.clone())).or_insert(0) += s.pending();
         }
         m
+    }
+}
+
+/// A map with struct keys as a JSON list of pairs (JSON object keys must be strings).
+mod as_pairs {
+    use std::collections::HashMap;
+    use std::hash::Hash;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<K: Serialize, V: Serialize, S: Serializer>(m: &HashMap<K, V>, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(m.iter())
+    }
+
+    pub fn deserialize<'de, K, V, D>(d: D) -> Result<HashMap<K, V>, D::Error>
+    where
+        K: Deserialize<'de> + Eq + Hash,
+        V: Deserialize<'de>,
+        D: Deserializer<'de>,
+    {
+        Ok(Vec::<(K, V)>::deserialize(d)?.into_iter().collect())
     }
 }
 
@@ -573,6 +628,32 @@ mod tests {
         assert!(s.on_commit(1).is_empty());
         assert_eq!(s.replace(0, n.clone()), Renewal::Ack(n));
         let _ = due;
+    }
+
+    /// What moves with a connection to a new agent comes back the same and behaves the same.
+    #[test]
+    fn sessions_survive_a_hand_over() {
+        let mut all = Sessions::new();
+        let (a, b) = (SessionKey::new("g", "T", 0), SessionKey::new("g", "%RETRY%g", 1));
+        all.on_pull(&a, 10);
+        let g = all.generation(&a).unwrap();
+        all.assign(&a, g, 10, vec![rc(1), rc(2), rc(3)]).unwrap();
+        all.nack("g", 200, Some("U2")).unwrap();
+        all.on_pull(&b, 0);
+        let pending_pull = all.generation(&b).unwrap();
+        let json = serde_json::to_string(&all).unwrap();
+        let mut moved: Sessions = serde_json::from_str(&json).unwrap();
+        assert_eq!(moved, all);
+        assert_eq!(moved.held(), 2);
+        // The PULL still waiting for its POP was answered by the hand-over: a late POP is refused.
+        moved.abandon_pull(&b, pending_pull);
+        assert_eq!(moved.assign(&b, pending_pull, 0, vec![rc(9)]).unwrap_err().len(), 1);
+        // The client commits through the new agent: the same receipts are ACKed, the nacked one is not.
+        assert_eq!(ids(&moved.on_commit(&a, 13)), vec![1, 3]);
+        // New PULL generations never reuse one the old agent handed out.
+        moved.on_pull(&a, 13);
+        assert!(moved.generation(&a).unwrap() > pending_pull);
+        assert_eq!(moved.renewals_in_flight(), 0);
     }
 
     #[test]

@@ -4,11 +4,13 @@ for multi-consumer tests: prints one line per delivered message and exits after
 --seconds.
 
   py_consumer.py NAMESRV --topic T --group G --seconds S [--id NAME]
-                 [--reconsume-later SUBSTR]
+                 [--reconsume-later SUBSTR] [--process-ms MS]
 
 Each delivery prints  'RECV id=<NAME> reconsume=<n> queue=<q> body=<body>'.
 --reconsume-later SUBSTR answers RECONSUME_LATER for bodies containing SUBSTR (every
 delivery of them), so the retry path and the dead-letter queue can be exercised.
+--process-ms MS makes each delivery take that long, so the consumer holds messages
+(uncommitted) for a while, as a busy application does.
 At the end it prints 'CONSUMER id=<NAME> received=<N>'.
 """
 import argparse
@@ -27,6 +29,7 @@ def main():
     ap.add_argument("--seconds", type=float, required=True)
     ap.add_argument("--id", default="py-%d" % os.getpid())
     ap.add_argument("--reconsume-later", default=None)
+    ap.add_argument("--process-ms", type=float, default=0)
     a = ap.parse_args()
 
     received = [0]
@@ -42,6 +45,8 @@ def main():
             received[0] += 1
             sys.stdout.write(line)
             sys.stdout.flush()
+        if a.process_ms:
+            time.sleep(a.process_ms / 1000.0)
         # The binding turns a raised exception into CONSUME_SUCCESS, so answer directly.
         if a.reconsume_later and a.reconsume_later in body:
             return _CConsumeStatus.RECONSUME_LATER.value
