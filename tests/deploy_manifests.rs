@@ -194,8 +194,8 @@ fn daemonset_is_built_for_hitless_upgrades_and_least_privilege() -> Result<()> {
     let cfg = configmap_config()?;
     let grace = pod["terminationGracePeriodSeconds"].as_u64().context("terminationGracePeriodSeconds")?;
     ensure!(
-        cfg.drain_timeout + Duration::from_secs(5) <= Duration::from_secs(grace),
-        "drain-timeout-ms {:?} + 5 s must fit terminationGracePeriodSeconds {grace}",
+        cfg.drain_timeout + Duration::from_secs(10) <= Duration::from_secs(grace),
+        "drain-timeout-ms {:?} + 10 s (receipt release and pending acks) must fit terminationGracePeriodSeconds {grace}",
         cfg.drain_timeout
     );
 
