@@ -1105,7 +1105,7 @@ mod tests {
         use crate::pop::heartbeat::{ConsumeFromWhere, ConsumeType, MessageModel};
         let (old, new) = (converter(), converter());
         let (pod, dst) = (PodAddr::new("10.200.1.2:5000".parse().unwrap()), OrigDst::new("10.0.0.1:10911".parse().unwrap()));
-        let (conn, mut to_client, _) = ConnHandle::for_test(1, pod, dst);
+        let (conn, out) = ConnHandle::for_test(1, pod, dst);
         let consumer = ConsumerData {
             group_name: "g".into(),
             consume_type: ConsumeType::Passively,
@@ -1130,13 +1130,13 @@ mod tests {
         let shared = old.export_shared().unwrap();
         let state = old.export_conn(&conn).await.unwrap();
         assert!(st.closed.load(Ordering::SeqCst) && old.existing(&conn).is_none(), "the old agent lets go of the connection");
-        let answer = to_client.try_recv().expect("the waiting PULL is answered");
+        let answer = out.client().try_pop().expect("the waiting PULL is answered");
         let (h, _) = decode_frame(&answer, &Limits::default()).unwrap();
         assert_eq!((h.code, h.opaque, h.ext("nextBeginOffset")), (code::PULL_NOT_FOUND, 42, Some("7")));
 
         new.adopt_shared(&shared);
         assert_eq!(new.broker_name(dst.0).as_deref(), Some("bk"));
-        let (conn2, _, _) = ConnHandle::for_test(9, pod, dst);
+        let (conn2, _) = ConnHandle::for_test(9, pod, dst);
         new.adopt_conn(&conn2, &state);
         assert!(new.converted(&conn2, "g"));
         assert_eq!(new.pending(), vec![("g".to_string(), "T".to_string(), 2)]);

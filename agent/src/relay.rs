@@ -114,29 +114,78 @@ pub struct ConnHandle {
     pub id: u64,
     pub pod: PodAddr,
     pub dst: OrigDst,
-    to_client: mpsc::UnboundedSender<Vec<u8>>,
-    to_broker: mpsc::UnboundedSender<Vec<u8>>,
+    out: Arc<Outboxes>,
+}
+
+/// Frames the agent queues for one direction of a connection. Not a tokio channel: an
+/// unbounded one allocates about a kilobyte up front, and every idle connection has two.
+#[derive(Default)]
+pub struct Outbox {
+    queue: Mutex<std::collections::VecDeque<Vec<u8>>>,
+    ready: tokio::sync::Notify,
+}
+
+impl Outbox {
+    fn push(&self, frame: Vec<u8>) {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner()).push_back(frame);
+        self.ready.notify_one();
+    }
+
+    pub fn try_pop(&self) -> Option<Vec<u8>> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner()).pop_front()
+    }
+
+    /// The next frame; cancel-safe (a frame is only taken when returned).
+    async fn recv(&self) -> Vec<u8> {
+        loop {
+            if let Some(f) = self.try_pop() {
+                return f;
+            }
+            self.ready.notified().await;
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct Outboxes {
+    to_client: Outbox,
+    to_broker: Outbox,
+    closed: AtomicBool,
 }
 
 impl ConnHandle {
     /// Queues a whole frame for the client; it is written at the next frame
     /// boundary of the broker's stream. False once the connection is gone.
     pub fn send_to_client(&self, frame: Vec<u8>) -> bool {
-        self.to_client.send(frame).is_ok()
+        self.send(&self.out.to_client, frame)
     }
 
     /// Queues a whole frame for this connection's broker (e.g. a taken request
     /// that turned out to need no special handling); written at the next frame
     /// boundary of the client's stream. False once the connection is gone.
     pub fn send_to_broker(&self, frame: Vec<u8>) -> bool {
-        self.to_broker.send(frame).is_ok()
+        self.send(&self.out.to_broker, frame)
+    }
+
+    fn send(&self, to: &Outbox, frame: Vec<u8>) -> bool {
+        if self.out.closed.load(Ordering::Acquire) {
+            return false;
+        }
+        to.push(frame);
+        true
     }
 
     #[cfg(test)]
-    pub fn for_test(id: u64, pod: PodAddr, dst: OrigDst) -> (Self, mpsc::UnboundedReceiver<Vec<u8>>, mpsc::UnboundedReceiver<Vec<u8>>) {
-        let (to_client, c) = mpsc::unbounded_channel();
-        let (to_broker, b) = mpsc::unbounded_channel();
-        (ConnHandle { id, pod, dst, to_client, to_broker }, c, b)
+    pub fn for_test(id: u64, pod: PodAddr, dst: OrigDst) -> (Self, Arc<Outboxes>) {
+        let out = Arc::new(Outboxes::default());
+        (ConnHandle { id, pod, dst, out: out.clone() }, out)
+    }
+}
+
+#[cfg(test)]
+impl Outboxes {
+    pub fn client(&self) -> &Outbox {
+        &self.to_client
     }
 }
 
@@ -272,9 +321,8 @@ async fn run(ctx: Arc<ProxyCtx>, ends: Ends, up: Carry, down: Carry, unanswered:
     let Ends { client, upstream, pod, dst } = ends;
     ctx.metrics.connections_active.inc();
     let registration = ctx.registry.register(pod, dst);
-    let (to_client, mut injections) = mpsc::unbounded_channel();
-    let (to_broker, mut up_injections) = mpsc::unbounded_channel();
-    let handle = ConnHandle { id: IDS.fetch_add(1, Ordering::Relaxed), pod, dst, to_client, to_broker };
+    let out = Arc::new(Outboxes::default());
+    let handle = ConnHandle { id: IDS.fetch_add(1, Ordering::Relaxed), pod, dst, out: out.clone() };
     let now = Instant::now();
     let table = |v: Vec<(i32, i32)>| Mutex::new(Inflight(v.into_iter().map(|(o, c)| (o, (c, now))).collect()));
     let conn = Conn {
@@ -293,7 +341,7 @@ async fn run(ctx: Arc<ProxyCtx>, ends: Ends, up: Carry, down: Carry, unanswered:
         (None, Some(_)) => warn!(%pod, orig_dst = %dst, "the previous agent handed over Pull→Pop state but conversion and ack routing are off here; its messages come back after the invisible time"),
         _ => {}
     }
-    let end = conn.relay(&client, &upstream, up, down, &mut up_injections, &mut injections).await;
+    let end = conn.relay(&client, &upstream, up, down, &out.to_broker, &out.to_client).await;
     let mut state = None;
     if let Some(i) = &ctx.interceptor {
         match end {
@@ -304,10 +352,10 @@ async fn run(ctx: Arc<ProxyCtx>, ends: Ends, up: Carry, down: Carry, unanswered:
     if let RelayEnd::Paused(..) = end {
         // Answers the agent queued while winding down: both streams are at frame boundaries.
         let flushed = async {
-            while let Ok(f) = injections.try_recv() {
+            while let Some(f) = out.to_client.try_pop() {
                 write_all(&client, &f).await?;
             }
-            while let Ok(f) = up_injections.try_recv() {
+            while let Some(f) = out.to_broker.try_pop() {
                 write_all(&upstream, &f).await?;
             }
             io::Result::Ok(())
@@ -316,6 +364,8 @@ async fn run(ctx: Arc<ProxyCtx>, ends: Ends, up: Carry, down: Carry, unanswered:
             debug!(%pod, orig_dst = %dst, error = %e, "could not write the agent's last answers before the hand-over");
         }
     }
+    // Whatever is queued from now on has nowhere to go.
+    out.closed.store(true, Ordering::Release);
     let requests = Unanswered { client: conn.unanswered(&conn.client_reqs), broker: conn.unanswered(&conn.broker_reqs) };
     drop(registration);
     if let RelayEnd::Paused(up, down) = end {
@@ -378,8 +428,8 @@ impl Conn<'_> {
         broker: &TcpStream,
         up: Carry,
         down: Carry,
-        up_injections: &mut mpsc::UnboundedReceiver<Vec<u8>>,
-        down_injections: &mut mpsc::UnboundedReceiver<Vec<u8>>,
+        up_injections: &Outbox,
+        down_injections: &Outbox,
     ) -> RelayEnd {
         let up = self.pump(client, broker, Side::Client, up, up_injections);
         let down = self.pump(broker, client, Side::Broker, down, down_injections);
@@ -477,7 +527,7 @@ impl Conn<'_> {
         to: &TcpStream,
         side: Side,
         carry: Carry,
-        injections: &mut mpsc::UnboundedReceiver<Vec<u8>>,
+        injections: &Outbox,
     ) -> Result<PumpEnd, RelayError> {
         let mut scanner = FrameScanner::resume(self.ctx.limits, (carry.body_left, carry.body_frame_len));
         let mut frames: Vec<FrameMeta> = Vec::new();
@@ -504,13 +554,13 @@ impl Conn<'_> {
                         stay = true;
                         continue;
                     }
-                    while let Ok(frame) = injections.try_recv() {
+                    while let Some(frame) = injections.try_pop() {
                         write_all(to, &frame).await?;
                     }
                     let (body_left, body_frame_len) = scanner.body_state();
                     return Ok(PumpEnd::Paused(total, Carry { pending: buf, body_left, body_frame_len }));
                 }
-                Some(frame) = injections.recv(), if at_boundary => {
+                frame = injections.recv(), if at_boundary => {
                     write_all(to, &frame).await?;
                     continue;
                 }
