@@ -166,7 +166,7 @@ fn an_ack_sent_to_the_wrong_broker_reaches_the_one_that_served_the_pop() -> Resu
     const GROUP: &str = "g_misroute";
     let lab = Lab::up("pmis")?;
     let (a, b) = two_brokers(&lab)?;
-    let agent = Agent::start(&lab, agent_args(&["--convert", "none"]))?;
+    let mut agent = Agent::start(&lab, agent_args(&["--convert", "none"]))?;
     lab.capture_pod(None)?;
     for broker in [a.broker(), b.broker()] {
         create_topic(&lab.brk(), broker, TOPIC, 2)?;
@@ -184,6 +184,12 @@ fn an_ack_sent_to_the_wrong_broker_reaches_the_one_that_served_the_pop() -> Resu
     popped.sort_by(|x, y| x.body.cmp(&y.body));
     let bodies: Vec<&str> = popped.iter().map(|p| p.body.as_str()).collect();
     ensure!(bodies == ["mis i=0", "mis i=1", "mis i=2", "mis i=3", "mis i=4", "mis i=5"], "popped {bodies:?}");
+    // A new agent takes over between the pops and the acks: the routes must move with it
+    // (the counters below are the new agent's).
+    let routes_before = agent.state()?["pop_ack_routes"].as_u64().unwrap_or(0);
+    agent.upgrade()?;
+    let routes_after = agent.state()?["pop_ack_routes"].as_u64().unwrap_or(0);
+    ensure!(routes_before >= 1 && routes_after >= routes_before, "ack routes before the upgrade {routes_before}, after {routes_after}");
 
     // Through the agent, on a connection to broker-b: i=0 and i=1 by ACK_MESSAGE, i=2 and
     // i=3 in one BATCH_ACK (rocketmq-rust's body: bit sets as byte arrays).
@@ -224,7 +230,7 @@ fn an_ack_sent_to_the_wrong_broker_reaches_the_one_that_served_the_pop() -> Resu
     let acks = |result: &str| m.get("rmq_agent_pop_native_acks_total", &[("kind", "ack"), ("result", result)]);
     println!(
         "POP-NATIVE REPORT misrouted: redelivered {back:?}; ack to broker-b without the agent answered {unrouted}; \
-         agent acks rerouted={} direct={} unknown={} failed={}",
+         agent acks rerouted={} direct={} unknown={} failed={}; ack routes before/after an upgrade {routes_before}/{routes_after}",
         acks("rerouted"), acks("direct"), acks("unknown"), acks("reroute_failed")
     );
     ensure!(back.contains("mis i=5"), "the never-acked message did not come back; the scenario proves nothing: {back:?}");
