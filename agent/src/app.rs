@@ -30,8 +30,6 @@ use crate::state::{ListenerView, Registry};
 
 /// How long a predecessor waits for its successor to say it is accepting.
 const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(10);
-/// Largest state accepted for one connection or for the shared routes.
-const MAX_STATE: usize = 256 * 1024 * 1024;
 /// How long a predecessor waits for the broker requests it started (see `Converter::settle`).
 const SETTLE_AFTER_HANDOVER: Duration = Duration::from_secs(26);
 
@@ -290,14 +288,7 @@ async fn send_connections(peer: Peer, mut rx: mpsc::UnboundedReceiver<MigratedCo
             Err(_) => continue,
         };
         let state = m.state.filter(|_| adopts);
-        if let Some(s) = &state {
-            if let Err(e) = peer.send_parts(s).await {
-                warn!(pod = %m.pod, orig_dst = %m.dst, error = %e, "could not hand a connection's state over; the connection is closed and its messages come back after the invisible time");
-                ctx.in_transit.fetch_sub(1, Ordering::SeqCst);
-                continue;
-            }
-        }
-        let msg = Msg::Conn { pod: m.pod.0, dst: m.dst.0, up: m.up, down: m.down, requests: m.requests, state: state.is_some() };
+        let msg = Msg::Conn { pod: m.pod.0, dst: m.dst.0, up: m.up, down: m.down, requests: m.requests, state };
         match peer.send(&msg, &[m.client.as_raw_fd(), m.upstream.as_raw_fd()]).await {
             Ok(()) => sent += 1,
             Err(e) => warn!(pod = %m.pod, orig_dst = %m.dst, error = %e, "could not hand a connection over; it is closed"),
@@ -314,11 +305,7 @@ async fn send_connections(peer: Peer, mut rx: mpsc::UnboundedReceiver<MigratedCo
 
 async fn send_shared(peer: &Peer, ctx: &ProxyCtx) {
     let Some(state) = ctx.interceptor.as_ref().and_then(|i| i.export_shared()) else { return };
-    let sent = async {
-        peer.send_parts(&state).await?;
-        peer.send(&Msg::Shared, &[]).await
-    };
-    if let Err(e) = sent.await {
+    if let Err(e) = peer.send(&Msg::Shared { state }, &[]).await {
         warn!(error = %e, "could not hand the learned routes over; the new agent learns them again");
     }
 }
@@ -326,22 +313,14 @@ async fn send_shared(peer: &Peer, ctx: &ProxyCtx) {
 /// New agent: resume every connection the predecessor hands over.
 async fn inherit_connections(peer: Peer, ctx: Arc<ProxyCtx>) {
     let mut n = 0usize;
-    let mut parts = String::new();
     loop {
         match peer.recv().await {
-            Ok((Msg::Part { data }, _)) if parts.len() + data.len() <= MAX_STATE => parts.push_str(&data),
-            Ok((Msg::Part { .. }, _)) => {
-                warn!(limit = MAX_STATE, "the previous agent's state is larger than the limit; dropped (its messages come back after the invisible time)");
-                parts.clear();
-            }
-            Ok((Msg::Shared, _)) => {
+            Ok((Msg::Shared { state }, _)) => {
                 if let Some(i) = &ctx.interceptor {
-                    i.adopt_shared(&parts);
+                    i.adopt_shared(&state);
                 }
-                parts.clear();
             }
             Ok((Msg::Conn { pod, dst, up, down, requests, state }, fds)) if fds.len() == 2 => {
-                let state = state.then(|| std::mem::take(&mut parts));
                 let mut fds = fds.into_iter();
                 let (client, upstream) = (fds.next(), fds.next());
                 let (Some(client), Some(upstream)) = (client, upstream) else { continue };
@@ -360,10 +339,7 @@ async fn inherit_connections(peer: Peer, ctx: Arc<ProxyCtx>) {
                 }
             }
             Ok((Msg::Done, _)) => break,
-            Ok((m, _)) => {
-                parts.clear();
-                warn!(?m, "unexpected hand-off message");
-            }
+            Ok((m, _)) => warn!(?m, "unexpected hand-off message"),
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
             Err(e) => {
                 warn!(error = %e, "hand-off channel failed");

@@ -5,7 +5,8 @@
 //! connection at a read boundary and passes both of its sockets, with any
 //! partly read header bytes, so the new agent resumes relaying mid-stream.
 //! A connection's Pull→Pop state (receipts, sessions) and the learned routes
-//! travel too, as JSON split into `Part` messages.
+//! travel too. A message larger than one datagram goes as `Chunk`s followed by
+//! `Assembled`, which carries its descriptors.
 //!
 //! SOCK_SEQPACKET keeps each message and its fds together.
 use std::io::{self, IoSlice, IoSliceMut};
@@ -23,12 +24,14 @@ use tokio::io::Interest;
 use crate::relay::{Carry, Unanswered};
 use crate::sys;
 
-/// Largest hand-off message; a connection whose pending bytes don't fit is
-/// drained instead of handed over. (A seqpacket message must also fit the
-/// socket's send buffer, about 208 KiB by default.)
-pub const MAX_MSG: usize = 256 * 1024;
-/// State larger than this goes in several `Part` messages.
-const PART: usize = 64 * 1024;
+/// Largest datagram read. A seqpacket datagram must also fit the socket's send
+/// buffer (about 208 KiB by default): bigger messages are chunked.
+const MAX_DATAGRAM: usize = 256 * 1024;
+/// Messages whose JSON is longer than this go in `Chunk`s (escaped, a chunk at
+/// most doubles, so it still fits one datagram).
+const CHUNK: usize = 64 * 1024;
+/// Largest message reassembled from chunks.
+pub const MAX_MSG: usize = 256 * 1024 * 1024;
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -44,9 +47,8 @@ pub enum Msg {
         #[serde(default)]
         adopts_state: bool,
     },
-    /// A piece of the JSON state that the next `Conn` (with `state`) or `Shared` carries.
-    Part { data: String },
-    /// Old → new, with the pod-side and broker-side sockets attached.
+    /// Old → new, with the pod-side and broker-side sockets attached. `state`: the
+    /// Pull→Pop and ack-routing state of the connection (JSON), for a successor that adopts it.
     Conn {
         pod: std::net::SocketAddr,
         dst: std::net::SocketAddr,
@@ -55,10 +57,14 @@ pub enum Msg {
         #[serde(default)]
         requests: Unanswered,
         #[serde(default)]
-        state: bool,
+        state: Option<String>,
     },
-    /// Old → new: the parts before it are the state every connection shares.
-    Shared,
+    /// Old → new: the state every connection shares (learned routes, ack routes; JSON).
+    Shared { state: String },
+    /// Framing: a piece of a large message's JSON.
+    Chunk { data: String },
+    /// Framing: the chunks before it form one message; its descriptors come with this one.
+    Assembled,
     /// Old → new: nothing more is coming.
     Done,
 }
@@ -119,13 +125,30 @@ pub struct Peer {
 
 impl Peer {
     pub async fn send(&self, msg: &Msg, fds: &[RawFd]) -> io::Result<()> {
-        let bytes = serde_json::to_vec(msg)?;
-        if bytes.len() > MAX_MSG {
+        let text = serde_json::to_string(msg)?;
+        if text.len() > MAX_MSG {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "hand-off message too large"));
         }
+        if text.len() <= CHUNK {
+            return self.send_datagram(text.as_bytes(), fds).await;
+        }
+        let mut rest = text.as_str();
+        while !rest.is_empty() {
+            let mut end = rest.len().min(CHUNK);
+            while !rest.is_char_boundary(end) {
+                end -= 1;
+            }
+            let (part, tail) = rest.split_at(end);
+            self.send_datagram(&serde_json::to_vec(&Msg::Chunk { data: part.to_owned() })?, &[]).await?;
+            rest = tail;
+        }
+        self.send_datagram(&serde_json::to_vec(&Msg::Assembled)?, fds).await
+    }
+
+    async fn send_datagram(&self, bytes: &[u8], fds: &[RawFd]) -> io::Result<()> {
         self.fd
             .async_io(Interest::WRITABLE, |fd| {
-                let iov = [IoSlice::new(&bytes)];
+                let iov = [IoSlice::new(bytes)];
                 let cmsg = [ControlMessage::ScmRights(fds)];
                 let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &cmsg };
                 sendmsg::<UnixAddr>(fd.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None)?;
@@ -134,23 +157,28 @@ impl Peer {
             .await
     }
 
-    /// Sends `state` as `Part` messages, split at character boundaries.
-    pub async fn send_parts(&self, mut state: &str) -> io::Result<()> {
-        while !state.is_empty() {
-            let mut end = state.len().min(PART);
-            while !state.is_char_boundary(end) {
-                end -= 1;
+    /// The next message and the descriptors that came with it (chunks reassembled).
+    pub async fn recv(&self) -> io::Result<(Msg, Vec<OwnedFd>)> {
+        let mut chunks = String::new();
+        loop {
+            match self.recv_datagram().await? {
+                (Msg::Chunk { data }, _) => {
+                    if chunks.len() + data.len() > MAX_MSG {
+                        return Err(io::Error::new(io::ErrorKind::InvalidData, "hand-off message larger than the limit"));
+                    }
+                    chunks.push_str(&data);
+                }
+                (Msg::Assembled, fds) => {
+                    let msg = serde_json::from_str(&chunks).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                    return Ok((msg, fds));
+                }
+                other => return Ok(other),
             }
-            let (part, rest) = state.split_at(end);
-            self.send(&Msg::Part { data: part.to_owned() }, &[]).await?;
-            state = rest;
         }
-        Ok(())
     }
 
-    /// The next message and the descriptors that came with it.
-    pub async fn recv(&self) -> io::Result<(Msg, Vec<OwnedFd>)> {
-        let mut buf = vec![0u8; MAX_MSG];
+    async fn recv_datagram(&self) -> io::Result<(Msg, Vec<OwnedFd>)> {
+        let mut buf = vec![0u8; MAX_DATAGRAM];
         let (n, fds) = self
             .fd
             .async_io(Interest::READABLE, |fd| {
@@ -171,5 +199,43 @@ impl Peer {
         }
         let msg = serde_json::from_slice(&buf[..n]).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         Ok((msg, fds))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::socket::socketpair;
+
+    fn pair() -> (Peer, Peer) {
+        let (a, b) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC).unwrap();
+        (Peer { fd: sys::register_owned(a).unwrap() }, Peer { fd: sys::register_owned(b).unwrap() })
+    }
+
+    /// A connection whose state is far larger than one datagram arrives whole, with its
+    /// descriptors, and small messages around it are untouched.
+    #[tokio::test]
+    async fn large_messages_are_chunked_and_reassembled() {
+        let (old, new) = pair();
+        let state: String = (0..200_000).map(|i| format!("\"é{i}\\\\\",")).collect();
+        assert!(state.len() > 10 * CHUNK);
+        let (r, w) = nix::unistd::pipe().unwrap();
+        let addr: std::net::SocketAddr = "10.200.1.2:4000".parse().unwrap();
+        let conn = Msg::Conn { pod: addr, dst: addr, up: Carry::default(), down: Carry::default(), requests: Unanswered::default(), state: Some(state.clone()) };
+        let sender = tokio::spawn(async move {
+            old.send(&Msg::Shared { state: "{}".into() }, &[]).await.unwrap();
+            old.send(&conn, &[r.as_raw_fd(), w.as_raw_fd()]).await.unwrap();
+            old.send(&Msg::Done, &[]).await.unwrap();
+        });
+        assert!(matches!(new.recv().await.unwrap(), (Msg::Shared { state }, fds) if state == "{}" && fds.is_empty()));
+        match new.recv().await.unwrap() {
+            (Msg::Conn { state: Some(s), .. }, fds) => {
+                assert_eq!(s, state);
+                assert_eq!(fds.len(), 2);
+            }
+            (m, _) => panic!("unexpected {m:?}"),
+        }
+        assert!(matches!(new.recv().await.unwrap().0, Msg::Done));
+        sender.await.unwrap();
     }
 }
