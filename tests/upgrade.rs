@@ -128,8 +128,22 @@ fn predecessor_idles_after_handover_until_sigterm() -> Result<()> {
         RemotingConn::new(c)
     })?;
     conn.route("TBW102")?;
+    let local = conn.local_addr()?.to_string();
+    let view = |agent: &Agent| -> Result<serde_json::Value> {
+        let state = agent.state()?;
+        let conns = state["connections"].as_array().cloned().unwrap_or_default();
+        conns.into_iter().find(|c| c["pod"].as_str() == Some(local.as_str())).with_context(|| format!("{local} is not in the state dump: {state}"))
+    };
+    let before = view(&agent)?;
 
     let mut old = agent.upgrade_keep_predecessor()?;
+    // status goes on showing the connection as it was: same age, its counts carried over.
+    let after = view(&agent)?;
+    ensure!(after["opened_unix_ms"] == before["opened_unix_ms"], "the connection's age restarted: {before} -> {after}");
+    ensure!(
+        after["bytes_up"].as_u64() >= before["bytes_up"].as_u64() && after["requests"]["GET_ROUTEINFO_BY_TOPIC"].as_u64() >= Some(1),
+        "the connection's counts were lost in the hand-over: {before} -> {after}"
+    );
     std::thread::sleep(Duration::from_secs(1));
     ensure!(old.try_wait()?.is_none(), "the predecessor exited after the hand-over; a kubelet would restart it");
     let listeners = lab.node().sh("ss -Hltnp '( sport = :15001 or sport = :15020 )'")?;

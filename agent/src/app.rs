@@ -287,8 +287,11 @@ async fn send_connections(peer: Peer, mut rx: mpsc::UnboundedReceiver<MigratedCo
             Err(_) if idle => break,
             Err(_) => continue,
         };
-        let state = m.state.filter(|_| adopts);
-        let msg = Msg::Conn { pod: m.pod.0, dst: m.dst.0, up: m.up, down: m.down, requests: m.requests, state };
+        let mut moved = Box::new(m.moved);
+        if !adopts {
+            moved.state = None;
+        }
+        let msg = Msg::Conn { pod: m.pod.0, dst: m.dst.0, moved };
         match peer.send(&msg, &[m.client.as_raw_fd(), m.upstream.as_raw_fd()]).await {
             Ok(()) => sent += 1,
             Err(e) => warn!(pod = %m.pod, orig_dst = %m.dst, error = %e, "could not hand a connection over; it is closed"),
@@ -320,7 +323,7 @@ async fn inherit_connections(peer: Peer, ctx: Arc<ProxyCtx>) {
                     i.adopt_shared(&state);
                 }
             }
-            Ok((Msg::Conn { pod, dst, up, down, requests, state }, fds)) if fds.len() == 2 => {
+            Ok((Msg::Conn { pod, dst, moved }, fds)) if fds.len() == 2 => {
                 let mut fds = fds.into_iter();
                 let (client, upstream) = (fds.next(), fds.next());
                 let (Some(client), Some(upstream)) = (client, upstream) else { continue };
@@ -332,7 +335,7 @@ async fn inherit_connections(peer: Peer, ctx: Arc<ProxyCtx>) {
                 match (to_stream(client), to_stream(upstream)) {
                     (Ok(client), Ok(upstream)) => {
                         n += 1;
-                        let m = MigratedConn { client, upstream, pod: PodAddr::new(pod), dst: OrigDst::new(dst), up, down, requests, state };
+                        let m = MigratedConn { client, upstream, pod: PodAddr::new(pod), dst: OrigDst::new(dst), moved: *moved };
                         tokio::spawn(relay::resume(ctx.clone(), m));
                     }
                     _ => warn!(%pod, orig_dst = %dst, "an inherited connection could not be registered; it is closed"),

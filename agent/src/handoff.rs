@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
-use crate::relay::{Carry, Unanswered};
+use crate::relay::Moved;
 use crate::sys;
 
 /// Largest datagram read. A seqpacket datagram must also fit the socket's send
@@ -52,12 +52,8 @@ pub enum Msg {
     Conn {
         pod: std::net::SocketAddr,
         dst: std::net::SocketAddr,
-        up: Carry,
-        down: Carry,
-        #[serde(default)]
-        requests: Unanswered,
-        #[serde(default)]
-        state: Option<String>,
+        #[serde(flatten)]
+        moved: Box<Moved>,
     },
     /// Old → new: the state every connection shares (learned routes, ack routes; JSON).
     Shared { state: String },
@@ -221,7 +217,7 @@ mod tests {
         assert!(state.len() > 10 * CHUNK);
         let (r, w) = nix::unistd::pipe().unwrap();
         let addr: std::net::SocketAddr = "10.200.1.2:4000".parse().unwrap();
-        let conn = Msg::Conn { pod: addr, dst: addr, up: Carry::default(), down: Carry::default(), requests: Unanswered::default(), state: Some(state.clone()) };
+        let conn = Msg::Conn { pod: addr, dst: addr, moved: Box::new(Moved { state: Some(state.clone()), ..Default::default() }) };
         let sender = tokio::spawn(async move {
             old.send(&Msg::Shared { state: "{}".into() }, &[]).await.unwrap();
             old.send(&conn, &[r.as_raw_fd(), w.as_raw_fd()]).await.unwrap();
@@ -229,8 +225,8 @@ mod tests {
         });
         assert!(matches!(new.recv().await.unwrap(), (Msg::Shared { state }, fds) if state == "{}" && fds.is_empty()));
         match new.recv().await.unwrap() {
-            (Msg::Conn { state: Some(s), .. }, fds) => {
-                assert_eq!(s, state);
+            (Msg::Conn { moved, .. }, fds) => {
+                assert_eq!(moved.state.as_deref(), Some(state.as_str()));
                 assert_eq!(fds.len(), 2);
             }
             (m, _) => panic!("unexpected {m:?}"),

@@ -89,7 +89,7 @@ impl Metrics {
         let pop_messages = Counter::default();
         let pending_receipts = Gauge::default();
         registry.register("pop_conversion_decisions", "Consumer groups converted to POP or relayed unconverted", conversions.clone());
-        registry.register("pop_requests", "Requests the agent sent for converted groups (pop, ack = messages acknowledged by ACK_MESSAGE or in a batch_ack, batch_ack, change_invisible, renew, dlq), POPs served by another broker than the client addressed (pop_elsewhere, pop_failover), and POP responses of Pop-native clients recorded for ack routing (native_pop)", pop_requests.clone());
+        registry.register("pop_requests", "Requests the agent sent for converted groups (pop, ack = messages acknowledged by ACK_MESSAGE or in a batch_ack, batch_ack, change_invisible, renew, dlq), POPs served by another broker than the client addressed (pop_elsewhere, pop_failover), POP responses of Pop-native clients recorded for ack routing (native_pop), and receipts moved at a hand-over (handover_out, handover_in)", pop_requests.clone());
         registry.register("pop_messages", "Messages delivered to classic consumers through POP", pop_messages.clone());
         registry.register("pop_pending_receipts", "Popped messages not yet acknowledged", pending_receipts.clone());
         let pop_native_acks = Family::<KindResultLabels, Counter>::default();

@@ -23,7 +23,7 @@ use crate::codec::{code, encode_frame, request_code_name, CodecError, FrameMeta,
 use crate::metrics::Metrics;
 use crate::policy::DestinationPolicy;
 use crate::socket::{self, SocketFactory};
-use crate::state::{ConnStats, Registry};
+use crate::state::{ConnHistory, ConnStats, Registry};
 
 /// Everything a connection needs from the agent, shared by all of them.
 pub struct ProxyCtx {
@@ -205,11 +205,22 @@ pub struct MigratedConn {
     pub upstream: TcpStream,
     pub pod: PodAddr,
     pub dst: OrigDst,
+    pub moved: Moved,
+}
+
+/// What a paused connection takes to the successor besides its sockets.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct Moved {
     pub up: Carry,
     pub down: Carry,
+    #[serde(default)]
     pub requests: Unanswered,
     /// The interceptor's state for it (JSON), see [`Interceptor::export`].
+    #[serde(default)]
     pub state: Option<String>,
+    /// Age, byte and request counts, SDK and groups, so `status` goes on showing them.
+    #[serde(default)]
+    pub history: Option<ConnHistory>,
 }
 
 /// Requests awaiting their answer when a connection moves, as (opaque, code): the
@@ -298,15 +309,15 @@ pub async fn serve(ctx: Arc<ProxyCtx>, client: TcpStream, peer: SocketAddr) {
     ctx.metrics.connection("proxied");
     debug!(%pod, orig_dst = %dst, "connection opened");
     let ends = Ends { client, upstream, pod, dst };
-    run(ctx, ends, Carry::default(), Carry::default(), Unanswered::default(), None).await;
+    run(ctx, ends, Moved::default()).await;
 }
 
 /// Continues a connection that the predecessor agent paused and handed over.
 pub async fn resume(ctx: Arc<ProxyCtx>, m: MigratedConn) {
     ctx.metrics.connection("inherited");
-    debug!(pod = %m.pod, orig_dst = %m.dst, state = m.state.is_some(), "connection inherited from the previous agent");
+    debug!(pod = %m.pod, orig_dst = %m.dst, state = m.moved.state.is_some(), "connection inherited from the previous agent");
     let ends = Ends { client: m.client, upstream: m.upstream, pod: m.pod, dst: m.dst };
-    run(ctx, ends, m.up, m.down, m.requests, m.state).await;
+    run(ctx, ends, m.moved).await;
 }
 
 struct Ends {
@@ -316,11 +327,13 @@ struct Ends {
     dst: OrigDst,
 }
 
-async fn run(ctx: Arc<ProxyCtx>, ends: Ends, up: Carry, down: Carry, unanswered: Unanswered, state: Option<String>) {
+async fn run(ctx: Arc<ProxyCtx>, ends: Ends, moved: Moved) {
     static IDS: AtomicU64 = AtomicU64::new(1);
     let Ends { client, upstream, pod, dst } = ends;
+    let Moved { up, down, requests: unanswered, state, history } = moved;
     ctx.metrics.connections_active.inc();
-    let registration = ctx.registry.register(pod, dst);
+    let client_version = history.as_ref().and_then(|h| h.client.as_ref()).map_or(0, |c| c.1);
+    let registration = ctx.registry.register(pod, dst, history);
     let out = Arc::new(Outboxes::default());
     let handle = ConnHandle { id: IDS.fetch_add(1, Ordering::Relaxed), pod, dst, out: out.clone() };
     let now = Instant::now();
@@ -331,7 +344,7 @@ async fn run(ctx: Arc<ProxyCtx>, ends: Ends, up: Carry, down: Carry, unanswered:
         dst,
         stats: &registration.stats,
         handle,
-        client_version: AtomicI32::new(0),
+        client_version: AtomicI32::new(client_version),
         client_reqs: table(unanswered.client),
         broker_reqs: table(unanswered.broker),
         requests: AtomicU64::new(0),
@@ -367,9 +380,10 @@ async fn run(ctx: Arc<ProxyCtx>, ends: Ends, up: Carry, down: Carry, unanswered:
     // Whatever is queued from now on has nowhere to go.
     out.closed.store(true, Ordering::Release);
     let requests = Unanswered { client: conn.unanswered(&conn.client_reqs), broker: conn.unanswered(&conn.broker_reqs) };
+    let history = Some(registration.stats.history());
     drop(registration);
     if let RelayEnd::Paused(up, down) = end {
-        let m = MigratedConn { client, upstream, pod, dst, up, down, requests, state };
+        let m = MigratedConn { client, upstream, pod, dst, moved: Moved { up, down, requests, state, history } };
         ctx.in_transit.fetch_add(1, Ordering::SeqCst);
         match ctx.handoff.get().map(|tx| tx.send(m).is_ok()) {
             Some(true) => ctx.metrics.connection("handed_over"),

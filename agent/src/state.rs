@@ -50,6 +50,35 @@ impl ConnStats {
     }
 }
 
+/// What `status` shows of a connection, carried to a successor agent.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ConnHistory {
+    pub opened_unix_ms: u64,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub requests: Vec<(String, u64)>,
+    pub client: Option<(String, i32)>,
+    pub groups: Vec<String>,
+}
+
+impl ConnStats {
+    pub fn history(&self) -> ConnHistory {
+        ConnHistory {
+            opened_unix_ms: self.opened_ms,
+            bytes_up: self.bytes_up.load(Ordering::Relaxed),
+            bytes_down: self.bytes_down.load(Ordering::Relaxed),
+            requests: lock(&self.requests).iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            client: lock(&self.client).clone(),
+            groups: lock(&self.groups).iter().cloned().collect(),
+        }
+    }
+}
+
+/// Request counts are keyed by the code's static name; unknown names share one key.
+fn static_code_name(name: &str) -> &'static str {
+    crate::codec::code::REQUEST_CODES.iter().find(|(_, n)| *n == name).map_or("UNKNOWN", |(_, n)| n)
+}
+
 /// Removes the connection from the registry when the relay ends, however it ends.
 pub struct Registration {
     registry: Arc<Registry>,
@@ -64,17 +93,27 @@ impl Drop for Registration {
 }
 
 impl Registry {
-    pub fn register(self: &Arc<Self>, pod: PodAddr, dst: OrigDst) -> Registration {
+    /// `history`: what a predecessor agent had counted for this connection.
+    pub fn register(self: &Arc<Self>, pod: PodAddr, dst: OrigDst, history: Option<ConnHistory>) -> Registration {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let h = history.unwrap_or_else(|| ConnHistory { opened_unix_ms: now_ms(), ..Default::default() });
+        let mut requests: BTreeMap<&'static str, u64> = BTreeMap::new();
+        for (name, n) in h.requests {
+            *requests.entry(static_code_name(&name)).or_default() += n;
+        }
+        let mut groups: BTreeSet<String> = h.groups.into_iter().collect();
+        while groups.len() > MAX_GROUPS_PER_CONN {
+            groups.pop_last();
+        }
         let stats = Arc::new(ConnStats {
             pod,
             dst,
-            opened_ms: now_ms(),
-            bytes_up: AtomicU64::new(0),
-            bytes_down: AtomicU64::new(0),
-            requests: Default::default(),
-            client: Default::default(),
-            groups: Default::default(),
+            opened_ms: h.opened_unix_ms,
+            bytes_up: AtomicU64::new(h.bytes_up),
+            bytes_down: AtomicU64::new(h.bytes_down),
+            requests: Mutex::new(requests),
+            client: Mutex::new(h.client),
+            groups: Mutex::new(groups),
         });
         lock(&self.conns).insert(id, stats.clone());
         Registration { registry: self.clone(), id, stats }

@@ -139,6 +139,11 @@ impl RemotingConn {
         Ok(RemotingConn { stream, next_opaque: 1, version: 401 })
     }
 
+    /// The pod-side address of the connection (what the agent shows as `pod`).
+    pub fn local_addr(&self) -> Result<std::net::SocketAddr> {
+        Ok(self.stream.local_addr()?)
+    }
+
     /// Claims to be an SDK of protocol version `version` from now on.
     pub fn with_version(mut self, version: i32) -> RemotingConn {
         self.version = version;
