@@ -364,3 +364,40 @@ fn converted_consumers_lose_nothing_across_upgrades() -> Result<()> {
     ensure!(report.duplicates() == 0, "{} messages were delivered twice across the upgrades", report.duplicates());
     Ok(())
 }
+
+/// Under a DaemonSet the old pod is deleted once the new one is ready, which may be while
+/// the old agent still waits for the POPs it started. With `--idle-after-handover` that
+/// SIGTERM must end it once it is done, not leave it idling until the kubelet's SIGKILL.
+#[test]
+fn a_predecessor_stopped_while_settling_exits_instead_of_idling() -> Result<()> {
+    use nix::sys::signal::Signal;
+
+    let lab = Lab::up("psettle")?;
+    let peers = Peers::start(&lab)?;
+    let args = ["--convert", "all", "--idle-after-handover"];
+    let mut agent = Agent::start(&lab, AgentOptions { extra_args: args.iter().map(|s| s.to_string()).collect(), ..Default::default() })?;
+    lab.capture_pod(None)?;
+    create_topic(&lab.brk(), peers.broker(), "POP_SETTLE", 2)?;
+    let consumer = Consumer::start(Sdk::Python, "py-s", &lab.pod(), peers.namesrv(), "POP_SETTLE", "g_settle", 60, &[], lab.workdir())?;
+    // Its long-poll PULLs are POPs waiting at the broker when the hand-over answers them.
+    agent.wait_log("a converted PULL to be served by POP", Duration::from_secs(30), |l| l.is("converting this consumer group from PULL to POP"))?;
+    std::thread::sleep(Duration::from_secs(3));
+    agent.upgrade_no_wait()?;
+    let answered: u64 = agent
+        .log()?
+        .lines
+        .iter()
+        .filter(|l| l.is("handing this connection's Pull→Pop state to the new agent"))
+        .filter_map(|l| l.field("pulls_answered")?.parse::<u64>().ok())
+        .sum();
+    agent.signal_predecessors(Signal::SIGTERM)?;
+    let t = std::time::Instant::now();
+    agent.wait_predecessors(Duration::from_secs(30))?;
+    let idled = agent.log()?.lines.iter().any(|l| l.is("handed over to a newer agent; idle until SIGTERM"));
+    println!("POP REPORT settle: pulls_answered_at_handover={answered} predecessor_exited_after_ms={} idled={idled}", t.elapsed().as_millis());
+    ensure!(answered > 0, "no PULL was waiting on a POP at the hand-over; the run says nothing");
+    ensure!(!idled, "the predecessor went idle although it had been told to stop");
+    drop(consumer);
+    Ok(())
+}
+

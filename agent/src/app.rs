@@ -28,6 +28,9 @@ use crate::relay::{self, MigratedConn, ProxyCtx};
 use crate::socket::{CaptureMode, KernelSockets, SocketFactory};
 use crate::state::{ListenerView, Registry};
 
+/// Set by SIGTERM/SIGINT once the agent stopped accepting.
+static STOP_ASKED: AtomicBool = AtomicBool::new(false);
+
 /// How long a predecessor waits for its successor to say it is accepting.
 const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a predecessor waits for the broker requests it started (see `Converter::settle`).
@@ -46,7 +49,7 @@ pub fn run(cfg: Config, log_level: Option<LogLevelHandle>) -> anyhow::Result<()>
     let ended = rt.block_on(serve(cfg, log_level, workers))?;
     // Connections still open after the drain deadline are closed here (their tasks are dropped).
     rt.shutdown_timeout(Duration::from_millis(100));
-    if ended == Ended::HandedOver && idle_after {
+    if ended == Ended::HandedOver && idle_after && !STOP_ASKED.load(Ordering::SeqCst) {
         let idle = tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start the idle runtime")?;
         return idle.block_on(idle_until_sigterm(&cfg_idle));
     }
@@ -170,6 +173,15 @@ async fn serve(cfg: Config, log_level: Option<LogLevelHandle>, workers: usize) -
     admin.draining.store(true, Ordering::Relaxed);
     // The successor holds the same listening socket; closing our copy loses nothing.
     drop(listener);
+    // A SIGTERM while handing over or settling (the supervisor deleting the old pod) means
+    // "exit when done", not "idle": a later signal stream would not see it.
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        STOP_ASKED.store(true, Ordering::SeqCst);
+    });
     let sender = successor.map(|peer| {
         let (tx, rx) = mpsc::unbounded_channel();
         let _ = ctx.handoff.set(tx);

@@ -125,11 +125,22 @@ impl<'lab> Agent<'lab> {
         Ok(())
     }
 
+    /// Sends `sig` to every agent left by [`Agent::upgrade_no_wait`].
+    pub fn signal_predecessors(&self, sig: Signal) -> Result<()> {
+        for old in &self.predecessors {
+            kill(Pid::from_raw(old.id() as i32), sig)?;
+        }
+        Ok(())
+    }
+
     /// Waits for every agent left by [`Agent::upgrade_no_wait`] to exit on its own.
     pub fn wait_predecessors(&mut self, timeout: Duration) -> Result<()> {
         for mut old in std::mem::take(&mut self.predecessors) {
             let pid = old.id();
             let exited = wait_for("an agent that handed over to exit", timeout, || Ok(old.try_wait()?));
+            if let Ok(status) = &exited {
+                ensure!(status.success(), "agent pid {pid} exited with {status}");
+            }
             if let Err(e) = exited {
                 let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
                 let _ = old.wait();
