@@ -193,10 +193,10 @@ async fn serve(cfg: Config, log_level: Option<LogLevelHandle>, workers: usize) -
         ctx.draining.store(true, Ordering::Relaxed);
         info!(active = metrics.connections_active.get(), "draining: stopped accepting, waiting for open connections; clients newer than 5.3.1 get GO_AWAY");
     }
-    let deadline = tokio::time::Instant::now() + cfg.drain_timeout;
-    while (metrics.connections_active.get() > 0 || ctx.in_transit.load(Ordering::SeqCst) > 0) && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    crate::wait::until(cfg.drain_timeout, Duration::from_millis(20), || {
+        metrics.connections_active.get() == 0 && ctx.in_transit.load(Ordering::SeqCst) == 0
+    })
+    .await;
     let handed_over = sender.is_some();
     if let Some(task) = sender {
         // It sends Done and ends once nothing is active or queued.

@@ -97,7 +97,7 @@ struct ConnState {
     pulls: Mutex<HashMap<i32, PullInFlight>>,
     sessions: Mutex<Sessions>,
     /// Taken requests other than PULL still being handled (their answers are due).
-    busy: AtomicUsize,
+    busy: Arc<AtomicUsize>,
     /// Moving to a successor agent: no new renewals.
     moving: AtomicBool,
     closed: AtomicBool,
@@ -114,7 +114,7 @@ impl ConnState {
             groups: Mutex::new(groups),
             pulls: Default::default(),
             sessions: Mutex::new(sessions),
-            busy: AtomicUsize::new(0),
+            busy: Default::default(),
             moving: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             last_request_ms: AtomicU64::new(now_ms()),
@@ -130,7 +130,7 @@ impl ConnState {
     }
 }
 
-/// Counts a running task until dropped.
+/// Counts a running task (or a request being handled) until dropped.
 struct Tracked(Arc<AtomicUsize>);
 
 impl Tracked {
@@ -143,22 +143,6 @@ impl Tracked {
 impl Drop for Tracked {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-/// A taken request being handled for a connection.
-struct Busy(Arc<ConnState>);
-
-impl Busy {
-    fn new(st: &Arc<ConnState>) -> Self {
-        st.busy.fetch_add(1, Ordering::SeqCst);
-        Busy(st.clone())
-    }
-}
-
-impl Drop for Busy {
-    fn drop(&mut self) {
-        self.0.busy.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -752,11 +736,7 @@ impl Converter {
     /// new message"; their messages are released when the POP returns), wait until its
     /// other requests and renewals are answered, and give up its state for the successor.
     async fn export_conn(&self, conn: &ConnHandle) -> Option<String> {
-        let route_requests: Vec<(i32, String)> = {
-            let mut pending = lock(&self.route_requests);
-            let mine: Vec<i32> = pending.keys().filter(|(id, _)| *id == conn.id).map(|(_, o)| *o).collect();
-            mine.into_iter().filter_map(|o| pending.remove(&(conn.id, o)).map(|t| (o, t))).collect()
-        };
+        let route_requests = crate::pop::take_conn_entries(&mut lock(&self.route_requests), conn.id);
         let native = self.native.as_ref().map(|n| n.export_conn(conn)).unwrap_or_default();
         let mut snap = ConnSnapshot { route_requests, native, ..Default::default() };
         if let Some(st) = self.existing(conn) {
@@ -774,12 +754,8 @@ impl Converter {
                 }
                 n
             };
-            let deadline = tokio::time::Instant::now() + QUIESCE;
             let quiet = || st.busy.load(Ordering::SeqCst) == 0 && lock(&st.sessions).renewals_in_flight() == 0;
-            while !quiet() && tokio::time::Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            if !quiet() {
+            if !crate::wait::until(QUIESCE, Duration::from_millis(5), quiet).await {
                 warn!(pod = %conn.pod, "a request or renewal of this connection is still unanswered; the successor may see a stale handle (the message may be delivered twice)");
             }
             st.closed.store(true, Ordering::SeqCst);
@@ -880,12 +856,8 @@ impl Converter {
     /// releases, and POPs of PULLs answered at a hand-over (whose messages are released when
     /// they come back).
     pub async fn settle(&self, limit: Duration) {
-        let deadline = tokio::time::Instant::now() + limit;
-        while self.tasks.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let left = self.tasks.load(Ordering::SeqCst);
-        if left > 0 {
+        if !crate::wait::until(limit, Duration::from_millis(20), || self.tasks.load(Ordering::SeqCst) == 0).await {
+            let left = self.tasks.load(Ordering::SeqCst);
             warn!(tasks = left, "exiting with broker requests unanswered; their messages come back after the invisible time");
         }
     }
@@ -968,7 +940,7 @@ impl Interceptor for Converter {
             lock(&st.pulls).insert(header.opaque, PullInFlight { x, started: None });
             return self.spawn(me.handle(st, header, frame));
         }
-        let busy = Busy::new(&st);
+        let busy = Tracked::new(&st.busy);
         if matches!(header.code, code::ACK_MESSAGE | code::CHANGE_MESSAGE_INVISIBLETIME | code::BATCH_ACK_MESSAGE) {
             let conn = conn.clone();
             return self.spawn(async move {

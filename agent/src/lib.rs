@@ -21,3 +21,4 @@ pub mod socket;
 pub mod state;
 pub mod status;
 mod sys;
+pub mod wait;

@@ -155,9 +155,7 @@ impl NativePop {
 
     /// The connection moves to a successor agent: its unanswered requests, to be answered there.
     pub fn export_conn(&self, conn: &ConnHandle) -> serde_json::Value {
-        let mut pending = lock(&self.pending);
-        let mine: Vec<i32> = pending.keys().filter(|(id, _)| *id == conn.id).map(|(_, o)| *o).collect();
-        let out: Vec<(i32, Pending)> = mine.into_iter().filter_map(|o| pending.remove(&(conn.id, o)).map(|p| (o, p))).collect();
+        let out = crate::pop::take_conn_entries(&mut lock(&self.pending), conn.id);
         serde_json::to_value(out).unwrap_or_default()
     }
 

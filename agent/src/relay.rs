@@ -135,6 +135,14 @@ impl Outbox {
         self.queue.lock().unwrap_or_else(|p| p.into_inner()).pop_front()
     }
 
+    /// Writes every queued frame to `to`.
+    async fn flush(&self, to: &TcpStream) -> io::Result<()> {
+        while let Some(f) = self.try_pop() {
+            write_all(to, &f).await?;
+        }
+        Ok(())
+    }
+
     /// The next frame; cancel-safe (a frame is only taken when returned).
     async fn recv(&self) -> Vec<u8> {
         loop {
@@ -363,15 +371,11 @@ async fn run(ctx: Arc<ProxyCtx>, ends: Ends, moved: Moved) {
         }
     }
     if let RelayEnd::Paused(..) = end {
-        // Answers the agent queued while winding down: both streams are at frame boundaries.
+        // What the agent queued, including answers given while winding down: both streams
+        // are at frame boundaries.
         let flushed = async {
-            while let Some(f) = out.to_client.try_pop() {
-                write_all(&client, &f).await?;
-            }
-            while let Some(f) = out.to_broker.try_pop() {
-                write_all(&upstream, &f).await?;
-            }
-            io::Result::Ok(())
+            out.to_client.flush(&client).await?;
+            out.to_broker.flush(&upstream).await
         };
         if let Err(e) = flushed.await {
             debug!(%pod, orig_dst = %dst, error = %e, "could not write the agent's last answers before the hand-over");
@@ -568,9 +572,7 @@ impl Conn<'_> {
                         stay = true;
                         continue;
                     }
-                    while let Some(frame) = injections.try_pop() {
-                        write_all(to, &frame).await?;
-                    }
+                    // Frames still queued for `to` are written by `run` once both sides paused.
                     let (body_left, body_frame_len) = scanner.body_state();
                     return Ok(PumpEnd::Paused(total, Carry { pending: buf, body_left, body_frame_len }));
                 }

@@ -15,3 +15,9 @@ pub mod route;
 pub mod session;
 
 pub use error::PopError;
+
+/// Removes and returns connection `id`'s entries from a table keyed by (connection, opaque).
+pub fn take_conn_entries<V>(table: &mut std::collections::HashMap<(u64, i32), V>, id: u64) -> Vec<(i32, V)> {
+    let opaques: Vec<i32> = table.keys().filter(|(c, _)| *c == id).map(|(_, o)| *o).collect();
+    opaques.into_iter().filter_map(|o| table.remove(&(id, o)).map(|v| (o, v))).collect()
+}
