@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Result};
 use rmq_e2e::agent::{Agent, AgentOptions};
-use rmq_e2e::group::{create_topic, produce, Consumer, GroupReport};
+use rmq_e2e::group::{bodies_of, create_topic, produce, received, Consumer, GroupReport};
 use rmq_e2e::lab::Lab;
 use rmq_e2e::peers::Peers;
 use rmq_e2e::sdk::Sdk;
@@ -105,21 +105,21 @@ fn a_frozen_consumer_does_not_stall_the_group() -> Result<()> {
     let frozen_at = Instant::now();
     let (frz1, failed) = rmq_e2e::group::produce_counting(&pod, ns_addr, "POP_FREEZE", 30, "frz1", 0.1, lab.workdir())?;
     ensure!(failed == 0 && frz1.len() == 30, "producer: {} sent, {failed} failed", frz1.len());
-    let victim_done: BTreeSet<String> = victim.deliveries().into_iter().map(|d| d.body).collect();
+    let victim_done = received([&victim]);
     // A hung consumer holds at most the batches its in-flight polls took; it
     // sends no new PULLs, so what is produced next goes to the others, promptly.
     std::thread::sleep(Duration::from_secs(3));
     let t3 = Instant::now();
     produce(&pod, ns_addr, "POP_FREEZE", 30, "frz2", lab.workdir())?;
-    let seen_by_others = || -> BTreeSet<String> { others.iter().flat_map(|c| c.deliveries()).map(|d| d.body).collect() };
-    let third: BTreeSet<String> = (0..30).map(|i| format!("frz2 i={i}")).collect();
+    let seen_by_others = || received(&others);
+    let third = bodies_of("frz2", 30);
     rmq_e2e::lab::wait_for("the others to consume everything produced once the frozen consumer's polls were spent", Duration::from_secs(15), || {
         Ok(third.is_subset(&seen_by_others()).then_some(()))
     })?;
     let flowing = t3.elapsed();
     // And whatever the frozen consumer was handed but never processed comes back
     // to the others once its invisible time passes (its receipts are not renewed).
-    let all: BTreeSet<String> = (0..30).flat_map(|i| [format!("frz1 i={i}"), format!("frz2 i={i}")]).collect();
+    let all: BTreeSet<String> = bodies_of("frz1", 30).union(&third).cloned().collect();
     rmq_e2e::lab::wait_for("every message to be consumed by someone", Duration::from_secs(75), || {
         let consumed: BTreeSet<String> = seen_by_others().union(&victim_done).cloned().collect();
         Ok(all.is_subset(&consumed).then_some(()))
@@ -147,7 +147,6 @@ fn a_frozen_consumer_does_not_stall_the_group() -> Result<()> {
 /// its invisible time.
 #[test]
 fn agent_killed_mid_stream_loses_nothing() -> Result<()> {
-    use std::collections::BTreeSet;
     use std::time::Instant;
 
     let lab = Lab::up("kil")?;
@@ -172,7 +171,7 @@ fn agent_killed_mid_stream_loses_nothing() -> Result<()> {
         let (sent, failed) = producer.join().expect("producer thread panicked")?;
         Ok((sent, failed, killed_at))
     })?;
-    let consumed = || -> BTreeSet<String> { consumers.iter().flat_map(|c| c.deliveries()).map(|d| d.body).collect() };
+    let consumed = || received(&consumers);
     let waited = rmq_e2e::lab::wait_for("every acknowledged message to be consumed after the agent was killed", Duration::from_secs(80), || {
         Ok(sent.is_subset(&consumed()).then(|| killed_at.elapsed()))
     });
@@ -276,11 +275,11 @@ fn a_pod_deleted_mid_flight_loses_nothing() -> Result<()> {
     let gone_at = Instant::now();
     victim.signal(Signal::SIGKILL)?;
     lab.release_pod2()?;
-    let victim_done: BTreeSet<String> = victim.deliveries().into_iter().map(|d| d.body).collect();
+    let victim_done = received([&victim]);
     produce(&lab.pod(), ns_addr, "POP_PDEL", 30, "pd2", lab.workdir())?;
 
-    let seen_by_others = || -> BTreeSet<String> { others.iter().flat_map(|c| c.deliveries()).map(|d| d.body).collect() };
-    let all: BTreeSet<String> = (0..30).flat_map(|i| [format!("pd1 i={i}"), format!("pd2 i={i}")]).collect();
+    let seen_by_others = || received(&others);
+    let all: BTreeSet<String> = bodies_of("pd1", 30).union(&bodies_of("pd2", 30)).cloned().collect();
     rmq_e2e::lab::wait_for("every message to be consumed by a surviving consumer or by the victim before it went", Duration::from_secs(90), || {
         let consumed: BTreeSet<String> = seen_by_others().union(&victim_done).cloned().collect();
         Ok(all.is_subset(&consumed).then_some(()))
@@ -305,8 +304,6 @@ fn a_pod_deleted_mid_flight_loses_nothing() -> Result<()> {
 /// upgrades is consumed exactly once.
 #[test]
 fn converted_consumers_lose_nothing_across_upgrades() -> Result<()> {
-    use std::collections::BTreeSet;
-
     let lab = Lab::up("pupg")?;
     let peers = Peers::start(&lab)?;
     let args = ["--convert", "all", "--pop-invisible-ms", "20000", "--drain-timeout-ms", "3000"];
@@ -330,7 +327,7 @@ fn converted_consumers_lose_nothing_across_upgrades() -> Result<()> {
         }
         Ok(producer.join().expect("producer thread panicked")?)
     })?;
-    let consumed = || -> BTreeSet<String> { consumers.iter().flat_map(|c| c.deliveries()).map(|d| d.body).collect() };
+    let consumed = || received(&consumers);
     let waited = rmq_e2e::lab::wait_for("every acknowledged message to be consumed across the upgrades", Duration::from_secs(80), || {
         Ok(sent.is_subset(&consumed()).then_some(()))
     });

@@ -269,9 +269,9 @@ fn converted_consumption_goes_on_when_a_broker_hangs() -> Result<()> {
         Consumer::start(Sdk::Python, "py-c", &pod, ns, TOPIC, "g_hang", 150, &[], lab.workdir())?,
     ];
     std::thread::sleep(Duration::from_secs(12));
-    let consumed = || -> BTreeSet<String> { consumers.iter().flat_map(|c| c.deliveries()).map(|d| d.body).collect() };
+    let consumed = || rmq_e2e::group::received(&consumers);
     produce(&pod, ns, TOPIC, 20, "before", lab.workdir())?;
-    let before: BTreeSet<String> = (0..20).map(|i| format!("before i={i}")).collect();
+    let before = rmq_e2e::group::bodies_of("before", 20);
     rmq_e2e::lab::wait_for("the messages produced with both brokers up to be consumed", Duration::from_secs(40), || Ok(before.is_subset(&consumed()).then_some(())))?;
 
     let b_pid = Pid::from_raw(b.broker_pid()?);
@@ -292,7 +292,7 @@ fn converted_consumption_goes_on_when_a_broker_hangs() -> Result<()> {
         }
         Ok(())
     })?;
-    let during: BTreeSet<String> = (0..20).map(|i| format!("during i={i}")).collect();
+    let during = rmq_e2e::group::bodies_of("during", 20);
     let waited = rmq_e2e::lab::wait_for("the messages produced to broker-a while broker-b hangs to be consumed", Duration::from_secs(30), || {
         Ok(during.is_subset(&consumed()).then(|| sent_at.elapsed()))
     });
@@ -341,10 +341,8 @@ fn converted_pop_counters_agree_with_the_broker() -> Result<()> {
     ];
     std::thread::sleep(Duration::from_secs(12));
     produce(&pod, ns, TOPIC, N, "evd", lab.workdir())?;
-    let want: BTreeSet<String> = (0..N).map(|i| format!("evd i={i}")).collect();
-    rmq_e2e::lab::wait_for("every message to be consumed", Duration::from_secs(60), || {
-        Ok(want.is_subset(&consumers.iter().flat_map(|c| c.deliveries()).map(|d| d.body).collect()).then_some(()))
-    })?;
+    let want = rmq_e2e::group::bodies_of("evd", N);
+    rmq_e2e::lab::wait_for("every message to be consumed", Duration::from_secs(60), || Ok(want.is_subset(&rmq_e2e::group::received(&consumers)).then_some(())))?;
     // The SDKs commit every few seconds; then nothing is held.
     rmq_e2e::lab::wait_for("every receipt to be acknowledged", Duration::from_secs(30), || {
         Ok((agent.metrics()?.get("rmq_agent_pop_pending_receipts", &[]) == 0.0).then_some(()))

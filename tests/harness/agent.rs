@@ -91,20 +91,34 @@ impl<'lab> Agent<'lab> {
     /// Starts a second agent while this one runs and waits until the old one
     /// has handed over its listener and live connections and exited.
     pub fn upgrade(&mut self) -> Result<()> {
-        let mut old = self.child.take().context("no agent is running to upgrade")?;
-        let new = self.launch()?;
-        self.child = Some(new);
+        let mut old = self.launch_successor()?;
         // It stays until the POPs it started come back (a long poll lasts up to 20 s).
-        let exited = wait_for("the old agent to hand over and exit", Duration::from_secs(45), || Ok(old.try_wait()?));
-        if let Err(e) = exited {
-            let _ = kill(Pid::from_raw(old.id() as i32), Signal::SIGKILL);
-            let _ = old.wait();
-            return Err(e.context(format!("agent log: {}", self.log_path.display())));
-        }
+        self.exit_or_kill(&mut old, "the old agent to hand over and exit", Duration::from_secs(45))?;
+        self.successor_alive()
+    }
+
+    /// Starts the next agent while this one runs; returns the running one's process.
+    fn launch_successor(&mut self) -> Result<Child> {
+        let old = self.child.take().context("no agent is running to upgrade")?;
+        self.child = Some(self.launch()?);
+        Ok(old)
+    }
+
+    fn successor_alive(&mut self) -> Result<()> {
         if !self.is_running() {
             bail!("the new agent died during the hand-over; log:\n{}", self.log_text_tail(30));
         }
         Ok(())
+    }
+
+    /// Waits for `old` to exit on its own; SIGKILLs it if it has not after `timeout`.
+    fn exit_or_kill(&self, old: &mut Child, what: &str, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let pid = old.id();
+        wait_for(what, timeout, || Ok(old.try_wait()?)).map_err(|e| {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            let _ = old.wait();
+            e.context(format!("agent pid {pid} was still running; log tail:\n{}", self.log_text_tail(30)))
+        })
     }
 
     /// Like [`Agent::upgrade`], but returns once the old agent says the hand-over is
@@ -113,16 +127,11 @@ impl<'lab> Agent<'lab> {
     pub fn upgrade_no_wait(&mut self) -> Result<()> {
         let done = |a: &Self| -> Result<usize> { Ok(a.log()?.lines.iter().filter(|l| l.is("hand-over complete")).count()) };
         let before = done(self)?;
-        let old = self.child.take().context("no agent is running to upgrade")?;
-        let new = self.launch()?;
-        self.child = Some(new);
+        let old = self.launch_successor()?;
         self.predecessors.push(old);
         wait_for("the old agent to complete the hand-over", Duration::from_secs(20), || Ok((done(self)? > before).then_some(())))
             .with_context(|| format!("agent log tail:\n{}", self.log_text_tail(30)))?;
-        if !self.is_running() {
-            bail!("the new agent died during the hand-over; log:\n{}", self.log_text_tail(30));
-        }
-        Ok(())
+        self.successor_alive()
     }
 
     /// Sends `sig` to every agent left by [`Agent::upgrade_no_wait`].
@@ -136,16 +145,8 @@ impl<'lab> Agent<'lab> {
     /// Waits for every agent left by [`Agent::upgrade_no_wait`] to exit on its own.
     pub fn wait_predecessors(&mut self, timeout: Duration) -> Result<()> {
         for mut old in std::mem::take(&mut self.predecessors) {
-            let pid = old.id();
-            let exited = wait_for("an agent that handed over to exit", timeout, || Ok(old.try_wait()?));
-            if let Ok(status) = &exited {
-                ensure!(status.success(), "agent pid {pid} exited with {status}");
-            }
-            if let Err(e) = exited {
-                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
-                let _ = old.wait();
-                return Err(e.context(format!("agent pid {pid} was still running; log tail:\n{}", self.log_text_tail(30))));
-            }
+            let status = self.exit_or_kill(&mut old, "an agent that handed over to exit", timeout)?;
+            ensure!(status.success(), "agent pid {} exited with {status}", old.id());
         }
         Ok(())
     }
@@ -154,15 +155,11 @@ impl<'lab> Agent<'lab> {
     /// waits until it has handed over and says it idles, and returns its process,
     /// still running (the caller ends it).
     pub fn upgrade_keep_predecessor(&mut self) -> Result<Child> {
-        let old = self.child.take().context("no agent is running to upgrade")?;
-        let new = self.launch()?;
-        self.child = Some(new);
+        let old = self.launch_successor()?;
         self.wait_log("the predecessor to hand over and idle", Duration::from_secs(45), |l| {
             l.is("handed over to a newer agent; idle until SIGTERM")
         })?;
-        if !self.is_running() {
-            bail!("the new agent died during the hand-over; log:\n{}", self.log_text_tail(30));
-        }
+        self.successor_alive()?;
         Ok(old)
     }
 

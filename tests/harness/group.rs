@@ -120,6 +120,16 @@ impl Drop for Consumer {
     }
 }
 
+/// The bodies [`produce`] sends: `<prefix> i=<i>` for i in 0..n.
+pub fn bodies_of(prefix: &str, n: usize) -> BTreeSet<String> {
+    (0..n).map(|i| format!("{prefix} i={i}")).collect()
+}
+
+/// Every body these consumers received.
+pub fn received<'a>(consumers: impl IntoIterator<Item = &'a Consumer>) -> BTreeSet<String> {
+    consumers.into_iter().flat_map(|c| c.deliveries()).map(|d| d.body).collect()
+}
+
 /// Runs the producer driver; bodies are `<prefix> i=<i>`. Fails unless every send succeeded.
 pub fn produce(ns: &Netns, namesrv: SocketAddr, topic: &str, n: usize, prefix: &str, workdir: &Path) -> Result<()> {
     let (sent, failed) = produce_counting(ns, namesrv, topic, n, prefix, 0.0, workdir)?;
